@@ -1,0 +1,595 @@
+"""Crash-safe checkpoints of numpy pytrees whose loading never runs code.
+
+Layout (orbax-like)::
+
+    <ckpt_dir>/<step>/state.pkl      pickled tree of plain containers and arrays
+    <ckpt_dir>/<step>/metadata.json  {"step", "format_version", "sha256",
+                                      "nbytes", "time"}
+
+Design notes:
+
+* Everything is converted to numpy before pickling (``jax.device_get``)
+  because pickles of ``jax.Array`` break across JAX versions.
+* The unpickler resolves only a handful of globals, each mapped to a checking
+  stand-in defined here (nothing is imported by name), and refuses every other
+  global before it can be called.
+* Even numpy's own globals are unsafe when used naively: ``dtype.__setstate__``
+  accepts a state that marks a float64 dtype as holding Python objects, after
+  which numpy treats the array's raw bytes as object pointers.  So dtypes and
+  arrays are rebuilt by proxies that take only the byte order from the pickled
+  dtype state and build arrays from dtypes that were already checked.
+* A step folder appears atomically: files are written and fsynced in a
+  ``.tmp-*`` folder that is then renamed to ``<step>``.  Folders are deleted by
+  first renaming them to ``.tmp-*`` as well, so a crash never leaves a
+  half-deleted step folder.  One writer per checkpoint directory is assumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import pathlib
+import pickle
+import re
+import secrets
+import shutil
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+
+try:  # ml_dtypes ships with jax; it provides bfloat16 and the float8 types.
+  import ml_dtypes
+except ImportError:  # pragma: no cover - jax always installs it.
+  ml_dtypes = None
+
+__all__ = [
+    "CheckpointError",
+    "FORMAT_VERSION",
+    "list_checkpoints",
+    "load_checkpoint",
+    "restore_latest",
+    "safe_loads",
+    "save_checkpoint",
+]
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.pkl"
+METADATA_FILE = "metadata.json"
+_TMP_PREFIX = ".tmp-"
+_STEP_RE = re.compile(r"[0-9]+")
+# Protocol 4 keeps array bytes in-band (protocol 5 may use out-of-band buffers).
+_PICKLE_PROTOCOL = 4
+
+# ml_dtypes scalar types (bfloat16, float8_*, int4, ...) count as numeric.
+_ML_DTYPES = {
+    name: obj
+    for name in (dir(ml_dtypes) if ml_dtypes is not None else ())
+    if isinstance(obj := getattr(ml_dtypes, name), type)
+    and issubclass(obj, np.generic)
+}
+_ML_DTYPE_TYPES = frozenset(_ML_DTYPES.values())
+_NUMERIC_KINDS = frozenset("biufc")
+# Descriptor flags that mean "items are Python objects / need the C-API":
+# NPY_ITEM_REFCOUNT, LIST_PICKLE, ITEM_IS_POINTER, NEEDS_INIT, NEEDS_PYAPI,
+# USE_GETITEM.  No numeric dtype sets any of them.
+_OBJECT_FLAGS = 0x3F
+
+
+class CheckpointError(Exception):
+  """A checkpoint cannot be used; the message names file, problem and fix."""
+
+
+# ---------------------------------------------------------------------------
+# Allowed-types walk (shared by save and load).
+# ---------------------------------------------------------------------------
+
+
+def _dtype_problem(dtype: np.dtype) -> str | None:
+  """Returns why `dtype` may not be stored, or None if it is numeric/bool."""
+  if dtype.fields is not None or dtype.subdtype is not None or dtype.hasobject:
+    return f"dtype {dtype} is structured or holds objects"
+  if dtype.kind in _NUMERIC_KINDS or dtype.type in _ML_DTYPE_TYPES:
+    return None
+  return f"dtype {dtype} is not numeric or bool"
+
+
+def _key_path(path: str, key: Any) -> str:
+  return f"{path}[{key!r}]"
+
+
+def _walk(tree: Any, path: str, on_error, leaf_fn, active: set[int]) -> Any:
+  """Rebuilds `tree` from allowed types only, applying `leaf_fn` to leaves.
+
+  `on_error(path, message)` must raise; `active` holds ids of containers on
+  the current path so that reference cycles are reported, not recursed into.
+  """
+  tree = leaf_fn(tree)
+  kind = type(tree)
+  if kind in (dict, list, tuple):
+    if id(tree) in active:
+      on_error(path, "contains a reference cycle")
+    active.add(id(tree))
+    try:
+      if kind is dict:
+        out = {}
+        for key, value in tree.items():
+          if type(key) is not str:
+            on_error(path, f"dict key {key!r} "
+                     f"({type(key).__name__}) is not allowed; "
+                     "use str keys")
+          out[key] = _walk(value, _key_path(path, key), on_error,
+                           leaf_fn, active)
+        return out
+      items = [_walk(v, f"{path}[{i}]", on_error, leaf_fn, active)
+               for i, v in enumerate(tree)]
+      return items if kind is list else tuple(items)
+    finally:
+      active.discard(id(tree))
+  if tree is None or kind in (bool, int, float, str):
+    return tree
+  if kind is np.ndarray or isinstance(tree, np.generic):
+    if kind is not np.ndarray and kind is not tree.dtype.type:
+      on_error(path, f"numpy scalar subclass {kind.__name__} is not "
+               "allowed")
+    problem = _dtype_problem(tree.dtype)
+    if problem:
+      what = "numpy array" if kind is np.ndarray else "numpy scalar"
+      on_error(path, f"{what} with {problem} is not allowed; only bool, "
+               "integer, float and complex dtypes can be stored")
+    return tree
+  on_error(path, f"{kind.__name__} is not allowed; convert to plain "
+           "containers (dict with str keys, list, tuple), Python scalars, "
+           "None or numeric numpy arrays")
+  raise AssertionError("on_error must raise")  # pragma: no cover
+
+
+def _to_numpy(leaf: Any) -> Any:
+  """Moves jax arrays to host numpy arrays; other values pass through."""
+  if isinstance(leaf, jax.Array):
+    return np.asarray(jax.device_get(leaf))
+  return leaf
+
+
+def _raise_type_error(path: str, message: str):
+  raise TypeError(f"{path}: {message}")
+
+
+def _plain_tree(tree: Any) -> Any:
+  """Checks `tree` for save and returns a copy with jax arrays as numpy."""
+  return _walk(tree, "state", _raise_type_error, _to_numpy, set())
+
+
+# ---------------------------------------------------------------------------
+# Restricted unpickling.
+# ---------------------------------------------------------------------------
+
+
+class _Refused(CheckpointError):
+  """Raised inside the unpickler; `safe_loads` adds the file name."""
+
+
+def _checked_dtype(spec: Any) -> np.dtype:
+  """Builds a dtype from a pickled spec, refusing anything but numeric/bool."""
+  if not (type(spec) is str
+          or (isinstance(spec, type) and spec in _ML_DTYPE_TYPES)):
+    raise _Refused(f"refused dtype spec {spec!r}; only numeric dtypes are "
+                   "allowed")
+  try:
+    dtype = np.dtype(spec)
+  except TypeError as e:
+    raise _Refused(f"refused dtype spec {spec!r}: {e}") from None
+  problem = _dtype_problem(dtype)
+  if problem:
+    raise _Refused(f"refused {problem}; object and structured arrays can "
+                   "run code or read arbitrary memory when unpickled")
+  return dtype
+
+
+class _DtypeProxy:
+  """Stands in for ``numpy.dtype(spec, align, copy)`` during unpickling.
+
+  The pickled state is checked and only its byte order is used; the real
+  ``dtype.__setstate__`` is never called (see module docstring).
+  """
+
+  __slots__ = ("dtype",)
+
+  def __init__(self, spec: Any, align: Any = False, copy: Any = True):
+    # Unused: numeric dtypes need no alignment, and we never mutate the
+    # dtype, so sharing numpy's global instances is fine.
+    del align, copy
+    self.dtype = _checked_dtype(spec)
+
+  def __setstate__(self, state: Any) -> None:
+    # (version, byteorder, subarray, names, fields, elsize, alignment, flags
+    #  [, metadata]) -- identical layout in numpy 1.x and 2.x.
+    if not (type(state) is tuple and len(state) in (8, 9)
+            and state[0] in (3, 4) and state[1] in ("<", ">", "|", "=")
+            and state[2] is None and state[3] is None and state[4] is None
+            and type(state[7]) is int and not state[7] & _OBJECT_FLAGS
+            and (len(state) == 8 or state[8] is None)):
+      raise _Refused(
+          f"refused dtype state {state!r} for {self.dtype}; it would make "
+          "a numeric dtype structured or object-like")
+    if state[1] in "<>":
+      self.dtype = self.dtype.newbyteorder(state[1])
+
+
+def _resolve_dtype(obj: Any) -> np.dtype:
+  if type(obj) is not _DtypeProxy:
+    raise _Refused(f"expected a numpy dtype, got {type(obj).__name__}")
+  return obj.dtype
+
+
+class _NdarrayType:
+  """Inert token for the global ``numpy.ndarray`` so it cannot be called."""
+
+  __slots__ = ()
+
+
+_NDARRAY_TOKEN = _NdarrayType()
+
+
+class _ArrayProxy:
+  """Stands in for numpy's ``_reconstruct(ndarray, (0,), b'b')``.
+
+  The real array is built when the pickled state arrives; `safe_loads` then
+  swaps the proxy for it.
+  """
+
+  __slots__ = ("array",)
+
+  def __init__(self, subtype: Any, shape: Any = (0,), code: Any = b"b"):
+    del shape, code  # Placeholders in numpy's protocol; see __setstate__.
+    if subtype is not _NDARRAY_TOKEN:
+      raise _Refused("refused array subtype; only numpy.ndarray is "
+                     "allowed")
+    self.array = None
+
+  def __setstate__(self, state: Any) -> None:
+    if not (type(state) is tuple and len(state) == 5):
+      raise _Refused("refused ndarray state of type "
+                     f"{type(state).__name__}")
+    version, shape, dtype, is_fortran, data = state
+    dtype = _resolve_dtype(dtype)
+    if not (type(shape) is tuple
+            and all(type(n) is int and n >= 0 for n in shape)):
+      raise _Refused(f"refused ndarray shape {shape!r}")
+    if not isinstance(data, (bytes, bytearray)):
+      raise _Refused("refused ndarray data that is not raw bytes")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+      raise ValueError(f"array data has {len(data)} bytes, expected "
+                       f"{expected}")
+    array = np.empty(0, np.uint8)
+    # Safe now: the dtype is numeric, so numpy copies plain bytes.
+    array.__setstate__((version, shape, dtype, bool(is_fortran), data))
+    self.array = array
+
+
+def _checked_scalar(dtype: Any, data: Any = None) -> np.generic:
+  """Rebuilds a numpy scalar from its dtype and raw bytes."""
+  dtype = _resolve_dtype(dtype)
+  if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+    raise _Refused(f"refused {dtype} scalar data {type(data).__name__}")
+  return np.frombuffer(data, dtype)[0]
+
+
+# Every global a checkpoint may name, mapped to a local safe object.  Both the
+# numpy 2 (`numpy._core`) and numpy 1.x (`numpy.core`) names are accepted so
+# old files load; nothing is imported by these names.
+_ALLOWED_GLOBALS = {
+    ("numpy", "ndarray"): _NDARRAY_TOKEN,
+    ("numpy", "dtype"): _DtypeProxy,
+    **{(mod, "_reconstruct"): _ArrayProxy
+       for mod in ("numpy._core.multiarray", "numpy.core.multiarray")},
+    **{(mod, "scalar"): _checked_scalar
+       for mod in ("numpy._core.multiarray", "numpy.core.multiarray")},
+    **{("ml_dtypes", name): cls for name, cls in _ML_DTYPES.items()},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+  """Unpickler that resolves only `_ALLOWED_GLOBALS`."""
+
+  def find_class(self, module: str, name: str) -> Any:
+    try:
+      return _ALLOWED_GLOBALS[(module, name)]
+    except (KeyError, TypeError):
+      raise _Refused(
+          f"refused global '{module}.{name}'; checkpoints may only "
+          "contain plain containers, Python scalars and numeric numpy "
+          "arrays") from None
+
+
+def _unproxy(leaf: Any) -> Any:
+  if type(leaf) is _ArrayProxy:
+    if leaf.array is None:
+      raise _Refused("refused ndarray without data")
+    return leaf.array
+  return leaf
+
+
+def _raise_refused(path: str, message: str):
+  raise _Refused(f"{path}: {message}")
+
+
+def safe_loads(data: bytes, *, source: str = "<bytes>") -> Any:
+  """Unpickles a checkpoint payload without running any code from it.
+
+  Args:
+    data: bytes written by `save_checkpoint` (or any pickle of the allowed
+      types, including files from numpy 1.x).
+    source: name used in error messages (normally the file path).
+
+  Returns:
+    The tree, made of dict/list/tuple, Python scalars, None, numeric numpy
+    arrays and numpy scalars.
+
+  Raises:
+    CheckpointError: a refused global/dtype, or a truncated or corrupt pickle.
+  """
+  try:
+    raw = _RestrictedUnpickler(io.BytesIO(data)).load()
+    return _walk(raw, "state", _raise_refused, _unproxy, set())
+  except _Refused as e:
+    raise CheckpointError(
+        f"{source}: {e}. The file is not a valid advmaml checkpoint and was "
+        "not executed; only load checkpoints you trust and re-create this "
+        "one with save_checkpoint") from None
+  except Exception as e:  # pylint: disable=broad-except
+    # Truncation surfaces as EOFError/UnpicklingError/ValueError/... anywhere
+    # in the stream, so any other failure means the bytes are damaged.
+    raise CheckpointError(
+        f"{source}: checkpoint is truncated or corrupt "
+        f"({type(e).__name__}: {e}); delete it and restore an earlier "
+        "step") from None
+
+
+# ---------------------------------------------------------------------------
+# Filesystem layout.
+# ---------------------------------------------------------------------------
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+  """Persists directory entries (renames, new files) where supported."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:  # e.g. Windows cannot open directories.
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _write_synced(path: pathlib.Path, data: bytes) -> None:
+  with open(path, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _new_tmp_dir(ckpt_dir: pathlib.Path, label: str) -> pathlib.Path:
+  # os.mkdir (unlike tempfile.mkdtemp) honours the umask, so a renamed step
+  # folder gets normal permissions.
+  path = ckpt_dir / f"{_TMP_PREFIX}{label}-{secrets.token_hex(6)}"
+  os.mkdir(path)
+  return path
+
+
+def _remove_dir(ckpt_dir: pathlib.Path, path: pathlib.Path) -> None:
+  """Deletes `path` via an atomic rename to a temp name first."""
+  trash = ckpt_dir / f"{_TMP_PREFIX}del-{path.name}-{secrets.token_hex(6)}"
+  os.rename(path, trash)
+  shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_stale_tmp(ckpt_dir: pathlib.Path) -> None:
+  for entry in ckpt_dir.iterdir():
+    if entry.name.startswith(_TMP_PREFIX) and entry.is_dir():
+      logging.info("Removing stale checkpoint temp folder %s", entry)
+      shutil.rmtree(entry, ignore_errors=True)
+
+
+def _step_dirs(ckpt_dir: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
+  """All digit-named folders (complete or not), ascending by step."""
+  if not ckpt_dir.is_dir():
+    return []
+  found = [(int(p.name), p) for p in ckpt_dir.iterdir()
+           if _STEP_RE.fullmatch(p.name) and p.is_dir()]
+  return sorted(found, key=lambda item: (item[0], item[1].name))
+
+
+def list_checkpoints(ckpt_dir) -> list[tuple[int, pathlib.Path]]:
+  """Returns (step, folder) of complete checkpoints, ascending by step.
+
+  Only digit-named folders holding a state file count; ``.tmp-*`` folders from
+  an interrupted save and any other names are ignored.  A missing directory
+  gives an empty list.
+  """
+  return [(step, path) for step, path in _step_dirs(pathlib.Path(ckpt_dir))
+          if (path / STATE_FILE).is_file()]
+
+
+def _prune(ckpt_dir: pathlib.Path, keep: int | None,
+           just_saved: pathlib.Path) -> None:
+  """Keeps the folder just written plus the newest others, `keep` in all."""
+  if keep is None:
+    return
+  others = [path for _, path in _step_dirs(ckpt_dir) if path != just_saved]
+  for path in others[:max(len(others) - (keep - 1), 0)]:
+    logging.info("Pruning old checkpoint %s", path)
+    _remove_dir(ckpt_dir, path)
+
+
+def save_checkpoint(ckpt_dir, step: int, tree: Any,
+                    keep: int | None = 3) -> pathlib.Path:
+  """Atomically writes `tree` as ``<ckpt_dir>/<step>`` and prunes old steps.
+
+  Args:
+    ckpt_dir: checkpoint directory; created if missing.
+    step: non-negative training step, used as the folder name.  An existing
+      folder for the same step is replaced.
+    tree: pytree of dict (str keys), list, tuple, int, float, bool, str, None,
+      numeric/bool numpy arrays or scalars, and jax arrays (stored as numpy).
+    keep: how many step folders to keep (the one just written always stays);
+      None keeps all.
+
+  Returns:
+    The step folder.
+
+  Raises:
+    TypeError: `tree` holds a disallowed value; the message names its path,
+      e.g. ``state['opt_state'][0]``.  Nothing is written in that case.
+  """
+  if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+    raise TypeError(f"step must be an int, got {type(step).__name__}")
+  step = int(step)
+  if step < 0:
+    raise ValueError(f"step must be >= 0, got {step}")
+  if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int)
+                           or keep < 1):
+    raise ValueError(f"keep must be a positive int or None, got {keep!r}")
+
+  data = pickle.dumps(_plain_tree(tree), protocol=_PICKLE_PROTOCOL)
+  metadata = {
+      "step": step,
+      "format_version": FORMAT_VERSION,
+      "sha256": hashlib.sha256(data).hexdigest(),
+      "nbytes": len(data),
+      "time": time.time(),
+  }
+
+  ckpt_dir = pathlib.Path(ckpt_dir)
+  ckpt_dir.mkdir(parents=True, exist_ok=True)
+  # Single writer, so any temp folder here is a leftover from a crash.
+  _remove_stale_tmp(ckpt_dir)
+  tmp = _new_tmp_dir(ckpt_dir, str(step))
+  final = ckpt_dir / str(step)
+  try:
+    _write_synced(tmp / STATE_FILE, data)
+    _write_synced(tmp / METADATA_FILE,
+                  json.dumps(metadata, indent=2).encode("utf-8"))
+    _fsync_dir(tmp)
+    if final.exists():
+      # Directories cannot be renamed over non-empty ones; move the old one
+      # aside first.  A crash in between loses only this step, and
+      # restore_latest then falls back to the previous one.
+      _remove_dir(ckpt_dir, final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  _prune(ckpt_dir, keep, final)
+  return final
+
+
+def _read_metadata(meta_file: pathlib.Path) -> dict[str, Any]:
+  try:
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(
+        f"{meta_file}: metadata is truncated or corrupt ({e}); delete the "
+        "step folder and restore an earlier step") from None
+  expected = {"step": int, "format_version": int, "sha256": str, "nbytes": int}
+  if not isinstance(meta, dict) or any(
+      type(meta.get(k)) is not t for k, t in expected.items()):
+    raise CheckpointError(
+        f"{meta_file}: metadata is truncated or corrupt (needs keys "
+        f"{sorted(expected)}); delete the step folder and restore an earlier "
+        "step")
+  if meta["format_version"] > FORMAT_VERSION:
+    raise CheckpointError(
+        f"{meta_file}: format_version {meta['format_version']} is newer than "
+        f"this advmaml supports ({FORMAT_VERSION}); upgrade advmaml")
+  return meta
+
+
+def load_checkpoint(path) -> tuple[int, Any]:
+  """Loads one checkpoint.
+
+  Args:
+    path: a step folder, or a ``state.pkl`` file.
+
+  Returns:
+    (step, tree).  The step comes from metadata.json, or else from the digit
+    name of the folder.
+
+  Raises:
+    CheckpointError: missing, truncated, corrupt or unsafe checkpoint.
+  """
+  path = pathlib.Path(path)
+  state_file = path / STATE_FILE if path.is_dir() else path
+  folder = state_file.parent
+  try:
+    data = state_file.read_bytes()
+  except OSError as e:
+    raise CheckpointError(
+        f"{state_file}: cannot read checkpoint ({e.strerror or e}); check the "
+        "path, or restore an earlier step") from None
+
+  meta_file = folder / METADATA_FILE
+  step = None
+  if meta_file.exists():
+    meta = _read_metadata(meta_file)
+    if len(data) != meta["nbytes"]:
+      raise CheckpointError(
+          f"{state_file}: checkpoint is truncated or corrupt (size "
+          f"{len(data)} bytes, metadata says {meta['nbytes']}); delete the "
+          "step folder and restore an earlier step")
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+      raise CheckpointError(
+          f"{state_file}: checkpoint is truncated or corrupt (sha256 "
+          "does not match metadata); delete the step folder and restore "
+          "an earlier step")
+    step = meta["step"]
+    if _STEP_RE.fullmatch(folder.name) and int(folder.name) != step:
+      raise CheckpointError(
+          f"{meta_file}: metadata step {step} does not match folder name "
+          f"{folder.name!r}; the folder was renamed or files were mixed up")
+  elif _STEP_RE.fullmatch(folder.name):
+    step = int(folder.name)
+
+  tree = safe_loads(data, source=str(state_file))
+  if step is None:
+    raise CheckpointError(
+        f"{state_file}: cannot tell the step (no {METADATA_FILE} and the "
+        "folder name is not a number); put it in a folder named after its step")
+  return step, tree
+
+
+def restore_latest(ckpt_dir) -> tuple[int, Any] | None:
+  """Loads the newest checkpoint that loads, skipping bad ones.
+
+  Each skipped checkpoint is reported with ``absl.logging.warning``.
+
+  Returns:
+    (step, tree), or None if `ckpt_dir` does not exist or has no step folders.
+
+  Raises:
+    CheckpointError: step folders exist but none of them loads.
+  """
+  ckpt_dir = pathlib.Path(ckpt_dir)
+  candidates = _step_dirs(ckpt_dir)
+  if not candidates:
+    return None
+  for _, path in reversed(candidates):
+    try:
+      return load_checkpoint(path)
+    except CheckpointError as e:
+      logging.warning("Skipping bad checkpoint %s: %s", path, e)
+  raise CheckpointError(
+      f"{ckpt_dir}: none of the {len(candidates)} checkpoints "
+      f"(steps {[s for s, _ in candidates]}) could be loaded; see the "
+      "warnings above, then repair or delete them (or use a new directory to "
+      "start from scratch)")
