@@ -1,0 +1,137 @@
+"""Experiment configuration: one flat dataclass, named presets, validation.
+
+Every field is settable from the command line as ``--<field>=...`` (see
+``experiments/flags.py``); a preset fills in the rest. The resolved config is
+written to ``<workdir>/config.json`` so that evaluation and resume use exactly
+the settings the run was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+class ConfigError(ValueError):
+  """A bad setting; the message names the flag and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  # Data.
+  dataset: str = "omniglot"
+  data_dir: str | None = None       # else $ADVMAML_DATA_DIR, else ~/.cache/advmaml/omniglot
+  split: str = "vinyals"            # "vinyals" (MAML paper) or "lake" (background/evaluation alphabets)
+  split_seed: int = 0
+  rotate: bool = True               # 90-degree rotations as extra classes
+  image_size: int = 28
+  # Episodes.
+  n_way: int = 5
+  k_shot: int = 1
+  q_query: int = 1                  # query examples per class during meta-training (MAML: K)
+  eval_q_query: int = 1             # query examples per class at evaluation
+  # Network.
+  model: str = "strided"            # "strided" (Omniglot Conv4) or "maxpool"
+  filters: int = 64
+  conv_impl: str = "im2col"         # "im2col" (fast) or "xla" (reference)
+  # Inner loop.
+  inner_lr: float = 0.4
+  inner_steps: int = 1
+  eval_inner_steps: int = 10
+  first_order: bool = False
+  meta_sgd: bool = False
+  anil: bool = False
+  # Outer loop.
+  objective: str = "natural"
+  meta_batch_size: int = 32
+  outer_lr: float = 1e-3
+  num_steps: int = 60000
+  seed: int = 0
+  # Bookkeeping.
+  log_every: int = 100
+  eval_every: int = 2000            # validation episodes every N steps (0: never)
+  val_episodes: int = 200
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 3
+  test_episodes: int = 600
+  eval_batch_tasks: int = 50        # episodes evaluated per jitted call
+
+  def replace(self, **changes) -> "Config":
+    return dataclasses.replace(self, **changes)
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "Config":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+    return cls(**values)
+
+
+_OMNIGLOT_5WAY = dict(n_way=5, inner_lr=0.4, inner_steps=1, meta_batch_size=32)
+_OMNIGLOT_20WAY = dict(n_way=20, inner_lr=0.1, inner_steps=5, meta_batch_size=16)
+
+# MAML paper (Finn et al. 2017) Omniglot settings: Adam 1e-3, 10 inner steps at test.
+PRESETS: dict[str, dict[str, Any]] = {
+    "omniglot_5w1s": dict(_OMNIGLOT_5WAY, k_shot=1, q_query=1, eval_q_query=1),
+    "omniglot_5w5s": dict(_OMNIGLOT_5WAY, k_shot=5, q_query=5, eval_q_query=5),
+    "omniglot_20w1s": dict(_OMNIGLOT_20WAY, k_shot=1, q_query=1, eval_q_query=1),
+    "omniglot_20w5s": dict(_OMNIGLOT_20WAY, k_shot=5, q_query=5, eval_q_query=5),
+    # A few-second configuration for tests and smoke runs.
+    "tiny": dict(n_way=3, k_shot=1, q_query=2, eval_q_query=2, filters=8, meta_batch_size=2,
+                 inner_steps=1, eval_inner_steps=2, num_steps=4, log_every=2, eval_every=0,
+                 val_episodes=4, checkpoint_every=2, test_episodes=6, eval_batch_tasks=4),
+}
+
+
+def preset(name: str, **overrides) -> Config:
+  if name not in PRESETS:
+    raise ConfigError(f"--preset={name!r} is unknown; choose one of {sorted(PRESETS)}")
+  return Config(**PRESETS[name]).replace(**overrides)
+
+
+def _positive(cfg: Config, *names: str):
+  for name in names:
+    if getattr(cfg, name) <= 0:
+      raise ConfigError(f"--{name}={getattr(cfg, name)} must be positive")
+
+
+def validate(cfg: Config) -> None:
+  """Checks what can be checked without data; raises ConfigError naming the flag."""
+  from advmaml import models, objectives  # local: keep config import-light
+  _positive(cfg, "n_way", "k_shot", "q_query", "eval_q_query", "image_size", "filters",
+            "meta_batch_size", "outer_lr", "num_steps", "log_every", "checkpoint_every",
+            "keep_checkpoints", "test_episodes", "eval_batch_tasks", "val_episodes")
+  if cfg.n_way < 2:
+    raise ConfigError(f"--n_way={cfg.n_way}: a few-shot task needs at least 2 classes")
+  for name in ("inner_steps", "eval_inner_steps", "eval_every"):
+    if getattr(cfg, name) < 0:
+      raise ConfigError(f"--{name}={getattr(cfg, name)} must be >= 0")
+  if cfg.inner_lr < 0:
+    raise ConfigError(f"--inner_lr={cfg.inner_lr} must be >= 0")
+  if cfg.model not in models.VARIANTS:
+    raise ConfigError(f"--model={cfg.model!r}; choose one of {models.VARIANTS}")
+  if cfg.conv_impl not in models.CONV_IMPLS:
+    raise ConfigError(f"--conv_impl={cfg.conv_impl!r}; choose one of {models.CONV_IMPLS}")
+  if cfg.objective not in objectives.OBJECTIVES:
+    raise ConfigError(f"--objective={cfg.objective!r}; choose one of {sorted(objectives.OBJECTIVES)}")
+
+
+def validate_against_data(cfg: Config, pools: dict) -> None:
+  """Checks episode sizes against the class pools. pools: split -> (C, D, H, W[, C]) array."""
+  for split, pool in pools.items():
+    num_classes, num_examples = pool.shape[:2]
+    if cfg.n_way > num_classes:
+      raise ConfigError(
+          f"--n_way={cfg.n_way} is larger than the {num_classes} classes of the "
+          f"{cfg.split!r} {split} split; use --n_way<={num_classes}")
+    q = cfg.q_query if split == "train" else cfg.eval_q_query
+    flag = "q_query" if split == "train" else "eval_q_query"
+    if cfg.k_shot + q > num_examples:
+      raise ConfigError(
+          f"--k_shot={cfg.k_shot} plus --{flag}={q} needs {cfg.k_shot + q} distinct examples "
+          f"per class but the {split} split has {num_examples} (Omniglot: 20 drawers)")

@@ -1,0 +1,154 @@
+"""Few-shot backbones: MAML's Conv4 (strided, for Omniglot) and its max-pool variant.
+
+The networks are flax modules, but the meta-learning code only ever sees
+``apply_fn(params, x) -> logits`` and a plain ``params`` pytree, so any flax
+module (or hand-written function) can stand in for them.
+
+Batch norm always normalises with the statistics of the batch it is given, at
+train and at test time, with no running averages: this is what MAML does
+(Finn et al. 2017), and it makes a task's prediction depend on the other
+examples of that task's support or query batch (transductive batch norm).
+
+Convolutions come in two numerically equivalent implementations:
+
+* ``"xla"``: ``lax.conv_general_dilated``, the obvious reference.
+* ``"im2col"``: nine shifted strided slices concatenated into patches, then one
+  matmul. When MAML vmaps per-task weights over tasks, XLA turns the reference
+  into a grouped convolution, whose CPU backward pass is slow; the im2col form
+  becomes a batched matmul instead, and its backward is matmuls plus pads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CONV_IMPLS = ("im2col", "xla")
+VARIANTS = ("strided", "maxpool")
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+  """TF/'SAME' padding (low, high) for one spatial axis."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def conv2d_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """'SAME' 2-D convolution. x: (B, H, W, C), kernel: (kh, kw, C, O) -> (B, H', W', O)."""
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding="SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """Same result as ``conv2d_xla``, computed as patches @ kernel.
+
+  x: (B, H, W, C), kernel: (kh, kw, C, O) -> (B, ceil(H/stride), ceil(W/stride), O).
+  """
+  kh, kw, cin, cout = kernel.shape
+  _, h, w, _ = x.shape
+  (pt, pb), (pl, pr) = _same_padding(h, kh, stride), _same_padding(w, kw, stride)
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  ho, wo = -(-h // stride), -(-w // stride)
+  # Patch channel order (di, dj, c) matches kernel.reshape(kh * kw * cin, cout).
+  patches = jnp.concatenate([
+      xp[:, di:di + (ho - 1) * stride + 1:stride, dj:dj + (wo - 1) * stride + 1:stride, :]
+      for di in range(kh) for dj in range(kw)], axis=-1)
+  return patches @ kernel.reshape(kh * kw * cin, cout)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max-pool, stride 2, 'VALID' (odd sizes are floored). (B, H, W, C) -> (B, H//2, W//2, C).
+
+  Written as reshape + max so its gradient is a cheap select, not XLA's
+  select-and-scatter.
+  """
+  b, h, w, c = x.shape
+  x = x[:, :h // 2 * 2, :w // 2 * 2, :]
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class Conv(nn.Module):
+  """3x3 convolution without bias (batch norm follows and has its own)."""
+  features: int
+  stride: int = 1
+  impl: str = "im2col"
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.glorot_uniform(),
+                        (3, 3, x.shape[-1], self.features), jnp.float32)
+    conv = conv2d_im2col if self.impl == "im2col" else conv2d_xla
+    return conv(x, kernel, self.stride)
+
+
+class BatchStatNorm(nn.Module):
+  """Batch norm from the current batch's statistics only (MAML-style), learned scale and bias."""
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    var = jnp.square(x - mean).mean(axes)
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+    return (x - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+class Conv4(nn.Module):
+  """MAML's four-block ConvNet.
+
+  ``variant="strided"``: 4 x [3x3 conv stride 2, BN, ReLU] (MAML's Omniglot net, 64 filters).
+  ``variant="maxpool"``: 4 x [3x3 conv, BN, ReLU, 2x2 max-pool] (MAML's Mini-ImageNet net, 32 filters).
+  Input (B, H, W, C) -> logits (B, num_classes).
+  """
+  num_classes: int
+  filters: int = 64
+  variant: str = "strided"
+  conv_impl: str = "im2col"
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(4):
+      stride = 2 if self.variant == "strided" else 1
+      x = Conv(self.filters, stride, self.conv_impl, name=f"conv{i}")(x)
+      x = BatchStatNorm(name=f"norm{i}")(x)
+      x = nn.relu(x)
+      if self.variant == "maxpool":
+        x = max_pool_2x2(x)
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What the meta-learner needs from a network: init and a pure apply."""
+  init: Callable[[jax.Array], dict]           # key -> params pytree
+  apply: Callable[[dict, jax.Array], jax.Array]  # (params, x (B,H,W,C)) -> logits (B, N)
+  head_names: tuple[str, ...] = ("head",)     # top-level param names adapted by ANIL
+
+
+def make_model(num_classes: int, image_shape: Sequence[int], filters: int = 64,
+               variant: str = "strided", conv_impl: str = "im2col") -> ModelSpec:
+  """Builds a Conv4 ModelSpec. image_shape: (H, W, C)."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown model variant {variant!r}; choose one of {VARIANTS}")
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"unknown conv_impl {conv_impl!r}; choose one of {CONV_IMPLS}")
+  module = Conv4(num_classes, filters, variant, conv_impl)
+  dummy = jnp.zeros((2, *image_shape), jnp.float32)
+
+  def init(key):
+    return module.init(key, dummy)["params"]
+
+  def apply(params, x):
+    return module.apply({"params": params}, x)
+
+  return ModelSpec(init=init, apply=apply)

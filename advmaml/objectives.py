@@ -1,0 +1,46 @@
+"""Bilevel objectives: the per-task outer loss the meta-train step differentiates.
+
+An objective is a plain function::
+
+    objective(learner, meta_params, task, key) -> (loss, metrics)
+
+``task`` is one ``Episode`` (no task axis: the trainer vmaps over tasks),
+``key`` is that task's PRNG key, ``loss`` a scalar and ``metrics`` a dict of
+scalars averaged over tasks for logging. A new objective is a few lines::
+
+    def my_objective(learner, meta_params, task, key):
+      fast = learner.adapt(meta_params, task.support_x, task.support_y)
+      loss, acc = learner.loss(fast, task.query_x, task.query_y)
+      return loss, {"loss": loss, "accuracy": acc}
+
+and is passed to ``make_train_step`` (or registered in ``OBJECTIVES`` to be
+selectable by ``--objective``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from advmaml.data.episodes import Episode
+from advmaml.maml import Learner
+
+Objective = Callable[[Learner, dict, Episode, object], tuple]
+
+
+def natural(learner: Learner, meta_params: dict, task: Episode, key):
+  """Plain MAML: adapt on the clean support set, outer loss on the clean query set."""
+  del key
+  fast = learner.adapt(meta_params, task.support_x, task.support_y)
+  loss, accuracy = learner.loss(fast, task.query_x, task.query_y)
+  return loss, {"loss": loss, "accuracy": accuracy}
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "natural": natural,
+}
+
+
+def get_objective(name: str) -> Objective:
+  if name not in OBJECTIVES:
+    raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
+  return OBJECTIVES[name]

@@ -1,0 +1,84 @@
+"""Loading a trained run (workdir or checkpoint) and evaluating it on a split."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import jax
+
+from advmaml import checkpoint
+from advmaml.config import Config, ConfigError, validate_against_data
+from advmaml.data.sources import load_class_splits
+from advmaml.evaluation import evaluate_episodes
+from advmaml.training import (Experiment, atomic_write_text, build_experiment, image_shape_of,
+                              initial_state, state_from_tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+  cfg: Config
+  exp: Experiment
+  meta_params: dict
+  step: int
+  source: str        # checkpoint folder it came from
+
+
+def _find_checkpoint(path: pathlib.Path) -> tuple[int, dict, pathlib.Path]:
+  """Accepts a workdir, its checkpoints/ folder, a step folder or a state.pkl."""
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist; pass a training --workdir or a checkpoint folder")
+  for ckpt_dir in (path / "checkpoints", path):
+    if ckpt_dir.is_dir() and checkpoint.list_checkpoints(ckpt_dir):
+      step, tree = checkpoint.restore_latest(ckpt_dir)
+      return step, tree, ckpt_dir / str(step)
+  step, tree = checkpoint.load_checkpoint(path)
+  return step, tree, path
+
+
+def load_trained(path: str | os.PathLike, data_dir: str | None = None) -> tuple[TrainedRun, dict]:
+  """Loads the newest good checkpoint under ``path``; returns (run, class splits).
+
+  The config stored in the checkpoint decides the network and the data split,
+  so a model is always evaluated on the protocol it was trained for.
+  """
+  step, tree, source = _find_checkpoint(pathlib.Path(path))
+  if not isinstance(tree, dict) or not isinstance(tree.get("config"), dict):
+    raise checkpoint.CheckpointError(f"{source}: holds no config; not an advmaml training checkpoint")
+  cfg = Config.from_dict(tree["config"])
+  if data_dir is not None:
+    cfg = cfg.replace(data_dir=data_dir)
+  splits = load_class_splits(cfg.dataset, data_dir=cfg.data_dir, split=cfg.split,
+                             split_seed=cfg.split_seed, rotate=cfg.rotate,
+                             image_size=cfg.image_size)
+  exp = build_experiment(cfg, image_shape_of(splits["train"].images))
+  template = initial_state(exp, cfg.seed)
+  state = state_from_tree(tree, template, str(source))
+  return TrainedRun(cfg, exp, state.meta_params, step, str(source)), splits
+
+
+def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_episodes: int | None = None,
+                     seed: int = 0, inner_steps: int | None = None, metric_fn=None) -> dict:
+  """Mean accuracy (and any other per-episode metric) with 95% intervals on ``split``."""
+  cfg = run.cfg
+  if split not in splits:
+    raise ConfigError(f"--split={split!r}; choose one of {sorted(splits)}")
+  validate_against_data(cfg, {split: splits[split].images})
+  num_episodes = cfg.test_episodes if num_episodes is None else num_episodes
+  inner_steps = cfg.eval_inner_steps if inner_steps is None else inner_steps
+  results = evaluate_episodes(
+      run.exp.learner, run.meta_params, splits[split].images, jax.random.key(seed),
+      num_episodes=num_episodes, n_way=cfg.n_way, k_shot=cfg.k_shot, q_query=cfg.eval_q_query,
+      inner_steps=inner_steps, batch_tasks=cfg.eval_batch_tasks, metric_fn=metric_fn)
+  return {"checkpoint": run.source, "step": run.step, "split": split, "protocol": cfg.split,
+          "num_episodes": num_episodes, "seed": seed, "inner_steps": inner_steps,
+          "n_way": cfg.n_way, "k_shot": cfg.k_shot, "q_query": cfg.eval_q_query,
+          "metrics": results}
+
+
+def write_json(path: str | os.PathLike, record: dict) -> None:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
