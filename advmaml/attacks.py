@@ -25,7 +25,6 @@ wrapped in ``stop_gradient``: adversarial examples are treated as data.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -47,83 +46,83 @@ _APGD_RHO = 0.75
 
 @dataclasses.dataclass(frozen=True)
 class AttackConfig:
-    """Static description of one attack (hashable, so usable as a jit static arg).
+  """Static description of one attack (hashable, so usable as a jit static arg).
 
-    Attributes:
-      name: "fgsm" | "pgd" | "apgd".
-      norm: "linf" | "l2" threat model.
-      epsilon: radius of the perturbation ball.
-      step_size: PGD/FGSM step; default 2.5 * epsilon / steps for PGD (Madry et
-        al.) and epsilon for FGSM. Unused by APGD (starts at 2 * epsilon).
-      steps: number of iterations (FGSM always takes one step).
-      restarts: independent runs from fresh random starts; the strongest point
-        per example is kept.
-      random_start: start from a uniform point in the ball instead of x.
-      loss: "ce" | "margin" (max_{j!=y} z_j - z_y) | "dlr" (Croce & Hein; falls
-        back to margin with < 3 classes, or < 4 classes when targeted).
-      targeted: move towards a random other class per example (drawn from the
-        key, see :func:`target_labels`) instead of away from the true label.
-      clip_min, clip_max: valid input range.
-    """
+  Attributes:
+    name: "fgsm" | "pgd" | "apgd".
+    norm: "linf" | "l2" threat model.
+    epsilon: radius of the perturbation ball.
+    step_size: PGD/FGSM step; default 2.5 * epsilon / steps for PGD (Madry et
+      al.) and epsilon for FGSM. Unused by APGD (starts at 2 * epsilon).
+    steps: number of iterations (FGSM always takes one step).
+    restarts: independent runs from fresh random starts; the strongest point
+      per example is kept.
+    random_start: start from a uniform point in the ball instead of x.
+    loss: "ce" | "margin" (max_{j!=y} z_j - z_y) | "dlr" (Croce & Hein; falls
+      back to margin with < 3 classes, or < 4 classes when targeted).
+    targeted: move towards a random other class per example (drawn from the
+      key, see :func:`target_labels`) instead of away from the true label.
+    clip_min, clip_max: valid input range.
+  """
 
-    name: str = "pgd"
-    norm: str = "linf"
-    epsilon: float = 0.1
-    step_size: float | None = None
-    steps: int = 10
-    restarts: int = 1
-    random_start: bool = True
-    loss: str = "ce"
-    targeted: bool = False
-    clip_min: float = 0.0
-    clip_max: float = 1.0
+  name: str = "pgd"
+  norm: str = "linf"
+  epsilon: float = 0.1
+  step_size: float | None = None
+  steps: int = 10
+  restarts: int = 1
+  random_start: bool = True
+  loss: str = "ce"
+  targeted: bool = False
+  clip_min: float = 0.0
+  clip_max: float = 1.0
 
-    def __post_init__(self):
-        if self.name not in _NAMES:
-            raise ValueError(f"name must be one of {_NAMES}, got {self.name!r}")
-        if self.norm not in _NORMS:
-            raise ValueError(f"norm must be one of {_NORMS}, got {self.norm!r}")
-        if self.loss not in _LOSSES:
-            raise ValueError(f"loss must be one of {_LOSSES}, got {self.loss!r}")
-        if self.epsilon < 0:
-            raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
-        if self.steps < 1 or self.restarts < 1:
-            raise ValueError("steps and restarts must be >= 1")
-        if self.clip_min > self.clip_max:
-            raise ValueError("clip_min must be <= clip_max")
+  def __post_init__(self):
+    if self.name not in _NAMES:
+      raise ValueError(f"name must be one of {_NAMES}, got {self.name!r}")
+    if self.norm not in _NORMS:
+      raise ValueError(f"norm must be one of {_NORMS}, got {self.norm!r}")
+    if self.loss not in _LOSSES:
+      raise ValueError(f"loss must be one of {_LOSSES}, got {self.loss!r}")
+    if self.epsilon < 0:
+      raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
+    if self.steps < 1 or self.restarts < 1:
+      raise ValueError("steps and restarts must be >= 1")
+    if self.clip_min > self.clip_max:
+      raise ValueError("clip_min must be <= clip_max")
 
-    def resolved_step_size(self) -> float:
-        """The step size actually used by FGSM/PGD."""
-        if self.step_size is not None:
-            return float(self.step_size)
-        if self.name == "fgsm":
-            return float(self.epsilon)
-        return 2.5 * self.epsilon / self.steps
+  def resolved_step_size(self) -> float:
+    """The step size actually used by FGSM/PGD."""
+    if self.step_size is not None:
+      return float(self.step_size)
+    if self.name == "fgsm":
+      return float(self.epsilon)
+    return 2.5 * self.epsilon / self.steps
 
 
 class AttackResult(NamedTuple):
-    """Output of an attack.
+  """Output of an attack.
 
-    Attributes:
-      x_adv: (B, H, W, C) per example the strongest point found: misclassified
-        points (for targeted attacks, ones hitting the target first) are
-        preferred, then the highest attack loss.
-      correct: (B,) bool, True iff the example was classified correctly at every
-        batch the attack evaluated.
-    """
+  Attributes:
+    x_adv: (B, H, W, C) per example the strongest point found: misclassified
+      points (for targeted attacks, ones hitting the target first) are
+      preferred, then the highest attack loss.
+    correct: (B,) bool, True iff the example was classified correctly at every
+      batch the attack evaluated.
+  """
 
-    x_adv: jax.Array
-    correct: jax.Array
+  x_adv: jax.Array
+  correct: jax.Array
 
 
 class _Track(NamedTuple):
-    """Running per-example best point; `margin` makes attacks comparable."""
+  """Running per-example best point; `margin` makes attacks comparable."""
 
-    x: jax.Array  # (B, H, W, C)
-    tier: jax.Array  # (B,) int32: 0 correct, 1 misclassified, 2 hit target
-    obj: jax.Array  # (B,) attack objective at x
-    margin: jax.Array  # (B,) max_{j!=y} z_j - z_y at x (attack independent)
-    correct: jax.Array  # (B,) bool, AND over every evaluated batch
+  x: jax.Array  # (B, H, W, C)
+  tier: jax.Array  # (B,) int32: 0 correct, 1 misclassified, 2 hit target
+  obj: jax.Array  # (B,) attack objective at x
+  margin: jax.Array  # (B,) max_{j!=y} z_j - z_y at x (attack independent)
+  correct: jax.Array  # (B,) bool, AND over every evaluated batch
 
 
 # ----------------------------------------------------------------------------
@@ -131,55 +130,55 @@ class _Track(NamedTuple):
 
 
 def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
-    """(B,) -> (B, 1, ..., 1) to broadcast against `like`."""
-    return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
+  """(B,) -> (B, 1, ..., 1) to broadcast against `like`."""
+  return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
 
 
 def perturbation_norm(delta: jax.Array, norm: str) -> jax.Array:
-    """Per-example norm of `delta` (B, ...) -> (B,)."""
-    flat = delta.reshape(delta.shape[0], -1)
-    if norm == "linf":
-        return jnp.max(jnp.abs(flat), axis=1)
-    if norm == "l2":
-        return jnp.sqrt(jnp.sum(flat * flat, axis=1))
-    raise ValueError(f"unknown norm {norm!r}")
+  """Per-example norm of `delta` (B, ...) -> (B,)."""
+  flat = delta.reshape(delta.shape[0], -1)
+  if norm == "linf":
+    return jnp.max(jnp.abs(flat), axis=1)
+  if norm == "l2":
+    return jnp.sqrt(jnp.sum(flat * flat, axis=1))
+  raise ValueError(f"unknown norm {norm!r}")
 
 
 def project(x_adv: jax.Array, x: jax.Array, cfg: AttackConfig) -> jax.Array:
-    """Maps x_adv (B, H, W, C) into the eps-ball around x and the valid box.
+  """Maps x_adv (B, H, W, C) into the eps-ball around x and the valid box.
 
-    Linf: exact projection onto ball ∩ box. L2: radial projection onto the
-    ball, then clipping to the box; clipping only shrinks |delta_i| (x is in the
-    box), so the result stays in the ball.
-    """
-    delta = x_adv - x
-    if cfg.norm == "linf":
-        delta = jnp.clip(delta, -cfg.epsilon, cfg.epsilon)
-    else:
-        n = perturbation_norm(delta, "l2")
-        delta = delta * _bcast(jnp.minimum(1.0, cfg.epsilon / jnp.maximum(n, _TINY)), x)
-    return jnp.clip(x + delta, cfg.clip_min, cfg.clip_max)
+  Linf: exact projection onto ball ∩ box. L2: radial projection onto the
+  ball, then clipping to the box; clipping only shrinks |delta_i| (x is in the
+  box), so the result stays in the ball.
+  """
+  delta = x_adv - x
+  if cfg.norm == "linf":
+    delta = jnp.clip(delta, -cfg.epsilon, cfg.epsilon)
+  else:
+    n = perturbation_norm(delta, "l2")
+    delta = delta * _bcast(jnp.minimum(1.0, cfg.epsilon / jnp.maximum(n, _TINY)), x)
+  return jnp.clip(x + delta, cfg.clip_min, cfg.clip_max)
 
 
 def _ascent_direction(g: jax.Array, norm: str) -> jax.Array:
-    """Steepest ascent direction of unit norm: sign (Linf) or g/||g|| (L2)."""
-    if norm == "linf":
-        return jnp.sign(g)
-    return g / _bcast(jnp.maximum(perturbation_norm(g, "l2"), _TINY), g)
+  """Steepest ascent direction of unit norm: sign (Linf) or g/||g|| (L2)."""
+  if norm == "linf":
+    return jnp.sign(g)
+  return g / _bcast(jnp.maximum(perturbation_norm(g, "l2"), _TINY), g)
 
 
 def _random_start(key: jax.Array, x: jax.Array, cfg: AttackConfig) -> jax.Array:
-    """Uniform in the Linf ball, or uniform direction and radius in the L2 ball."""
-    if not cfg.random_start:
-        return x
-    if cfg.norm == "linf":
-        delta = jax.random.uniform(key, x.shape, x.dtype, -cfg.epsilon, cfg.epsilon)
-    else:
-        k_dir, k_rad = jax.random.split(key)
-        d = jax.random.normal(k_dir, x.shape, x.dtype)
-        d = d / _bcast(jnp.maximum(perturbation_norm(d, "l2"), _TINY), d)
-        delta = d * _bcast(jax.random.uniform(k_rad, x.shape[:1], x.dtype) * cfg.epsilon, d)
-    return jnp.clip(x + delta, cfg.clip_min, cfg.clip_max)
+  """Uniform in the Linf ball, or uniform direction and radius in the L2 ball."""
+  if not cfg.random_start:
+    return x
+  if cfg.norm == "linf":
+    delta = jax.random.uniform(key, x.shape, x.dtype, -cfg.epsilon, cfg.epsilon)
+  else:
+    k_dir, k_rad = jax.random.split(key)
+    d = jax.random.normal(k_dir, x.shape, x.dtype)
+    d = d / _bcast(jnp.maximum(perturbation_norm(d, "l2"), _TINY), d)
+    delta = d * _bcast(jax.random.uniform(k_rad, x.shape[:1], x.dtype) * cfg.epsilon, d)
+  return project(x + delta, x, cfg)  # guards the ball against rounding too
 
 
 # ----------------------------------------------------------------------------
@@ -187,65 +186,65 @@ def _random_start(key: jax.Array, x: jax.Array, cfg: AttackConfig) -> jax.Array:
 
 
 def _logit_at(z: jax.Array, labels: jax.Array) -> jax.Array:
-    return jnp.take_along_axis(z, labels[:, None], axis=-1)[:, 0]
+  return jnp.take_along_axis(z, labels[:, None], axis=-1)[:, 0]
 
 
 def _max_other(z: jax.Array, labels: jax.Array) -> jax.Array:
-    """max_{j != labels} z_j, (B, K) -> (B,)."""
-    mask = jax.nn.one_hot(labels, z.shape[-1], dtype=bool)
-    return jnp.max(jnp.where(mask, -jnp.inf, z), axis=-1)
+  """max_{j != labels} z_j, (B, K) -> (B,)."""
+  mask = jax.nn.one_hot(labels, z.shape[-1], dtype=bool)
+  return jnp.max(jnp.where(mask, -jnp.inf, z), axis=-1)
 
 
 def margin_loss(logits: jax.Array, y: jax.Array) -> jax.Array:
-    """Carlini-Wagner margin max_{j!=y} z_j - z_y, (B, K) -> (B,); > 0 iff wrong."""
-    return _max_other(logits, y) - _logit_at(logits, y)
+  """Carlini-Wagner margin max_{j!=y} z_j - z_y, (B, K) -> (B,); > 0 iff wrong."""
+  return _max_other(logits, y) - _logit_at(logits, y)
 
 
 def attack_objective(
     logits: jax.Array, y: jax.Array, loss: str, target: jax.Array | None = None
 ) -> jax.Array:
-    """Per-example objective (B,) that an attack maximises.
+  """Per-example objective (B,) that an attack maximises.
 
-    Untargeted: ce = CE(z, y); margin = max_{j!=y} z_j - z_y;
-    dlr = margin / (z_pi1 - z_pi3) with z sorted decreasingly.
-    Targeted (towards `target`): ce = -CE(z, t); margin = z_t - max_{j!=t} z_j;
-    dlr = (z_t - z_y) / (z_pi1 - (z_pi3 + z_pi4) / 2).
-    """
-    num_classes = logits.shape[-1]
-    if target is None:
-        if loss == "ce":
-            return -_logit_at(jax.nn.log_softmax(logits), y)
-        if loss == "margin" or (loss == "dlr" and num_classes < 3):
-            return margin_loss(logits, y)
-        if loss == "dlr":
-            top = lax.top_k(logits, 3)[0]
-            return margin_loss(logits, y) / (top[:, 0] - top[:, 2] + _TINY)
-    else:
-        if loss == "ce":
-            return _logit_at(jax.nn.log_softmax(logits), target)
-        if loss == "margin" or (loss == "dlr" and num_classes < 4):
-            return -margin_loss(logits, target)
-        if loss == "dlr":
-            top = lax.top_k(logits, 4)[0]
-            scale = top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + _TINY
-            return (_logit_at(logits, target) - _logit_at(logits, y)) / scale
-    raise ValueError(f"unknown loss {loss!r}")
+  Untargeted: ce = CE(z, y); margin = max_{j!=y} z_j - z_y;
+  dlr = margin / (z_pi1 - z_pi3) with z sorted decreasingly.
+  Targeted (towards `target`): ce = -CE(z, t); margin = z_t - max_{j!=t} z_j;
+  dlr = (z_t - z_y) / (z_pi1 - (z_pi3 + z_pi4) / 2).
+  """
+  num_classes = logits.shape[-1]
+  if target is None:
+    if loss == "ce":
+      return -_logit_at(jax.nn.log_softmax(logits), y)
+    if loss == "margin" or (loss == "dlr" and num_classes < 3):
+      return margin_loss(logits, y)
+    if loss == "dlr":
+      top = lax.top_k(logits, 3)[0]
+      return margin_loss(logits, y) / (top[:, 0] - top[:, 2] + _TINY)
+  else:
+    if loss == "ce":
+      return _logit_at(jax.nn.log_softmax(logits), target)
+    if loss == "margin" or (loss == "dlr" and num_classes < 4):
+      return -margin_loss(logits, target)
+    if loss == "dlr":
+      top = lax.top_k(logits, 4)[0]
+      scale = top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + _TINY
+      return (_logit_at(logits, target) - _logit_at(logits, y)) / scale
+  raise ValueError(f"unknown loss {loss!r}")
 
 
 def _split_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(key for targets, key whose fold_in(., r) seeds restart r)."""
-    k_target, k_runs = jax.random.split(key)
-    return k_target, k_runs
+  """(key for targets, key whose fold_in(., r) seeds restart r)."""
+  k_target, k_runs = jax.random.split(key)
+  return k_target, k_runs
 
 
 def target_labels(key: jax.Array, y: jax.Array, num_classes: int) -> jax.Array:
-    """The targets (B,) a targeted attack called with `key` uses: uniform over
-    the classes other than y."""
-    if num_classes < 2:
-        raise ValueError("targeted attacks need at least 2 classes")
-    k_target, _ = _split_key(key)
-    shift = jax.random.randint(k_target, y.shape, 1, num_classes)
-    return (y + shift) % num_classes
+  """The targets (B,) a targeted attack called with `key` uses: uniform over
+  the classes other than y."""
+  if num_classes < 2:
+    raise ValueError("targeted attacks need at least 2 classes")
+  k_target, _ = _split_key(key)
+  shift = jax.random.randint(k_target, y.shape, 1, num_classes)
+  return (y + shift) % num_classes
 
 
 # ----------------------------------------------------------------------------
@@ -253,165 +252,166 @@ def target_labels(key: jax.Array, y: jax.Array, num_classes: int) -> jax.Array:
 
 
 def _track_update(tr: _Track, xb, logits, obj, y, target) -> _Track:
-    """Records an evaluated batch `xb` with its logits and objective."""
-    pred = jnp.argmax(logits, axis=-1)
-    wrong = pred != y
-    tier = wrong.astype(jnp.int32)
-    if target is not None:
-        tier = tier + (pred == target).astype(jnp.int32)
-    better = (tier > tr.tier) | ((tier == tr.tier) & (obj > tr.obj))
-    return _Track(
-        x=jnp.where(_bcast(better, xb), xb, tr.x),
-        tier=jnp.where(better, tier, tr.tier),
-        obj=jnp.where(better, obj, tr.obj),
-        margin=jnp.where(better, margin_loss(logits, y), tr.margin),
-        correct=tr.correct & ~wrong,
-    )
+  """Records an evaluated batch `xb` with its logits and objective."""
+  pred = jnp.argmax(logits, axis=-1)
+  wrong = pred != y
+  tier = wrong.astype(jnp.int32)
+  if target is not None:
+    tier = tier + (pred == target).astype(jnp.int32)
+  better = (tier > tr.tier) | ((tier == tr.tier) & (obj > tr.obj))
+  return _Track(
+      x=jnp.where(_bcast(better, xb), xb, tr.x),
+      tier=jnp.where(better, tier, tr.tier),
+      obj=jnp.where(better, obj, tr.obj),
+      margin=jnp.where(better, margin_loss(logits, y), tr.margin),
+      correct=tr.correct & ~wrong,
+  )
 
 
 def _make_evaluate(cfg, logits_fn, params, y, target):
-    """xb -> (logits, per-example objective, gradient of the summed objective)."""
+  """xb -> (logits, per-example objective, gradient of the summed objective)."""
 
-    def total(xb):
-        logits = logits_fn(params, xb)
-        obj = attack_objective(logits, y, cfg.loss, target)
-        return jnp.sum(obj), (logits, obj)
+  def total(xb):
+    logits = logits_fn(params, xb)
+    obj = attack_objective(logits, y, cfg.loss, target)
+    return jnp.sum(obj), (logits, obj)
 
-    grad_fn = jax.value_and_grad(total, has_aux=True)
+  grad_fn = jax.value_and_grad(total, has_aux=True)
 
-    def evaluate(xb):
-        (_, (logits, obj)), g = grad_fn(xb)
-        return logits, obj, g
+  def evaluate(xb):
+    (_, (logits, obj)), g = grad_fn(xb)
+    return logits, obj, g
 
-    return evaluate
+  return evaluate
 
 
 def _pgd_restart(cfg, evaluate, x, y, target, key, tr, steps, step_size):
-    """One PGD run: evaluates x_0, ..., x_steps (steps+1 gradient evaluations,
-    the last update is discarded) so that PGD-k's evaluations are a prefix of
-    PGD-2k's with the same start and step size."""
-    x0 = _random_start(key, x, cfg)
+  """One PGD run: evaluates x_0, ..., x_steps (steps+1 gradient evaluations,
+  the last update is discarded) so that PGD-k's evaluations are a prefix of
+  PGD-2k's with the same start and step size."""
+  x0 = _random_start(key, x, cfg)
 
-    def body(_, carry):
-        xk, tr = carry
-        logits, obj, g = evaluate(xk)
-        tr = _track_update(tr, xk, logits, obj, y, target)
-        x_next = project(xk + step_size * _ascent_direction(g, cfg.norm), x, cfg)
-        return x_next, tr
+  def body(_, carry):
+    xk, tr = carry
+    logits, obj, g = evaluate(xk)
+    tr = _track_update(tr, xk, logits, obj, y, target)
+    x_next = project(xk + step_size * _ascent_direction(g, cfg.norm), x, cfg)
+    return x_next, tr
 
-    _, tr = lax.fori_loop(0, steps + 1, body, (x0, tr))
-    return tr
+  _, tr = lax.fori_loop(0, steps + 1, body, (x0, tr))
+  return tr
 
 
 def apgd_checkpoints(n_iter: int) -> list[int]:
-    """APGD checkpoints w_j = ceil(p_j * n_iter) < n_iter (w_0 = 0 included),
-    p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
-    p = [0.0, 0.22]
-    while p[-1] < 1.0:
-        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    # round() guards against 0.22 * 100 = 22.000000000000004 -> 23.
-    w = sorted({math.ceil(round(pj * n_iter, 6)) for pj in p})
-    return [wj for wj in w if wj < n_iter]
+  """APGD checkpoints w_j = ceil(p_j * n_iter) < n_iter (w_0 = 0 included),
+  p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
+  p = [0.0, 0.22]
+  while p[-1] < 1.0:
+    p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+  # round() guards against 0.22 * 100 = 22.000000000000004 -> 23.
+  w = sorted({math.ceil(round(pj * n_iter, 6)) for pj in p})
+  return [wj for wj in w if wj < n_iter]
 
 
 def _apgd_restart(cfg, evaluate, x, y, target, key, tr):
-    """One APGD run (Croce & Hein 2020, Alg. 1) with per-example step sizes.
+  """One APGD run (Croce & Hein 2020, Alg. 1) with per-example step sizes.
 
-    Iteration k = 0..N-1 produces x^(k+1) (k = 0: plain step, then momentum
-    alpha = 0.75) and evaluates it. At a checkpoint k = w_j the step size of an
-    example is halved and it restarts from its best point x_max when
-    (1) fewer than rho * (w_j - w_{j-1}) of the steps i in [w_{j-1}, w_j - 1]
-    increased its loss, or (2) its step size was not halved at w_{j-1} and its
-    best loss has not changed since. As in the reference implementation the
-    gradient at the restart point is the stored one of x_max (recomputing it
-    would cost a pass per iteration under jit/vmap).
-    """
-    n_iter = cfg.steps
-    w = apgd_checkpoints(n_iter)
-    is_ckpt = np.zeros(n_iter, bool)
-    window = np.zeros(n_iter, np.float32)
-    for prev, cur in zip(w[:-1], w[1:]):
-        is_ckpt[cur] = True
-        window[cur] = cur - prev
+  Iteration k = 0..N-1 produces x^(k+1) (k = 0: plain step, then momentum
+  alpha = 0.75) and evaluates it. At a checkpoint k = w_j the step size of an
+  example is halved and it restarts from its best point x_max when
+  (1) fewer than rho * (w_j - w_{j-1}) of the steps i in [w_{j-1}, w_j - 1]
+  increased its loss, or (2) its step size was not halved at w_{j-1} and its
+  best loss has not changed since. After a restart the momentum term is
+  x_max - x^(k), literally as in Alg. 1, and the gradient is the one stored
+  with x_max (recomputing it would cost an extra pass in every iteration
+  under jit/vmap, where a data-dependent branch runs both sides).
+  """
+  n_iter = cfg.steps
+  w = apgd_checkpoints(n_iter)
+  is_ckpt = np.zeros(n_iter, bool)
+  window = np.zeros(n_iter, np.float32)
+  for prev, cur in zip(w[:-1], w[1:]):
+    is_ckpt[cur] = True
+    window[cur] = cur - prev
 
-    x0 = _random_start(key, x, cfg)
-    logits0, f0, g0 = evaluate(x0)
-    tr = _track_update(tr, x0, logits0, f0, y, target)
-    eta0 = jnp.full(x.shape[:1], 2.0 * cfg.epsilon, x.dtype)
-    zero_count = jnp.zeros(x.shape[:1], jnp.float32)
-    carry0 = dict(
-        x_prev=x0, x_cur=x0, f_cur=f0, g_cur=g0, eta=eta0,
-        x_max=x0, f_max=f0, g_max=g0,
-        count=zero_count, eta_last=eta0, f_max_last=f0, tr=tr,
-    )
+  x0 = _random_start(key, x, cfg)
+  logits0, f0, g0 = evaluate(x0)
+  tr = _track_update(tr, x0, logits0, f0, y, target)
+  eta0 = jnp.full(x.shape[:1], 2.0 * cfg.epsilon, x.dtype)
+  zero_count = jnp.zeros(x.shape[:1], jnp.float32)
+  carry0 = dict(
+      x_prev=x0, x_cur=x0, f_cur=f0, g_cur=g0, eta=eta0,
+      x_max=x0, f_max=f0, g_max=g0,
+      count=zero_count, eta_last=eta0, f_max_last=f0, tr=tr,
+  )
 
-    def body(c, xs):
-        k, ckpt, win = xs
-        eta = _bcast(c["eta"], x)
-        x_cur = c["x_cur"]
-        z = project(x_cur + eta * _ascent_direction(c["g_cur"], cfg.norm), x, cfg)
-        a = _APGD_MOMENTUM
-        x_mom = project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - c["x_prev"]), x, cfg)
-        x_new = jnp.where(k == 0, z, x_mom)
-        logits, f_new, g_new = evaluate(x_new)
-        tr = _track_update(c["tr"], x_new, logits, f_new, y, target)
+  def body(c, xs):
+    k, ckpt, win = xs
+    eta = _bcast(c["eta"], x)
+    x_cur = c["x_cur"]
+    z = project(x_cur + eta * _ascent_direction(c["g_cur"], cfg.norm), x, cfg)
+    a = _APGD_MOMENTUM
+    x_mom = project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - c["x_prev"]), x, cfg)
+    x_new = jnp.where(k == 0, z, x_mom)
+    logits, f_new, g_new = evaluate(x_new)
+    tr = _track_update(c["tr"], x_new, logits, f_new, y, target)
 
-        increased = (f_new > c["f_cur"]).astype(jnp.float32)
-        improved = f_new > c["f_max"]
-        x_max = jnp.where(_bcast(improved, x), x_new, c["x_max"])
-        g_max = jnp.where(_bcast(improved, x), g_new, c["g_max"])
-        f_max = jnp.where(improved, f_new, c["f_max"])
+    increased = (f_new > c["f_cur"]).astype(jnp.float32)
+    improved = f_new > c["f_max"]
+    x_max = jnp.where(_bcast(improved, x), x_new, c["x_max"])
+    g_max = jnp.where(_bcast(improved, x), g_new, c["g_max"])
+    f_max = jnp.where(improved, f_new, c["f_max"])
 
-        cond1 = c["count"] < _APGD_RHO * win
-        cond2 = (c["eta"] == c["eta_last"]) & (f_max == c["f_max_last"])
-        reduce = ckpt & (cond1 | cond2)
-        rb = _bcast(reduce, x)
-        return dict(
-            x_prev=x_cur,
-            x_cur=jnp.where(rb, x_max, x_new),
-            f_cur=jnp.where(reduce, f_max, f_new),
-            g_cur=jnp.where(rb, g_max, g_new),
-            eta=jnp.where(reduce, 0.5 * c["eta"], c["eta"]),
-            x_max=x_max, f_max=f_max, g_max=g_max,
-            # the increase at i = w_j opens the next window
-            count=jnp.where(ckpt, increased, c["count"] + increased),
-            eta_last=jnp.where(ckpt, c["eta"], c["eta_last"]),
-            f_max_last=jnp.where(ckpt, f_max, c["f_max_last"]),
-            tr=tr,
-        ), None
+    cond1 = c["count"] < _APGD_RHO * win
+    cond2 = (c["eta"] == c["eta_last"]) & (f_max == c["f_max_last"])
+    reduce = ckpt & (cond1 | cond2)
+    rb = _bcast(reduce, x)
+    return dict(
+        x_prev=x_cur,
+        x_cur=jnp.where(rb, x_max, x_new),
+        f_cur=jnp.where(reduce, f_max, f_new),
+        g_cur=jnp.where(rb, g_max, g_new),
+        eta=jnp.where(reduce, 0.5 * c["eta"], c["eta"]),
+        x_max=x_max, f_max=f_max, g_max=g_max,
+        # the increase at i = w_j opens the next window
+        count=jnp.where(ckpt, increased, c["count"] + increased),
+        eta_last=jnp.where(ckpt, c["eta"], c["eta_last"]),
+        f_max_last=jnp.where(ckpt, f_max, c["f_max_last"]),
+        tr=tr,
+    ), None
 
-    xs = (jnp.arange(n_iter), jnp.asarray(is_ckpt), jnp.asarray(window))
-    c, _ = lax.scan(body, carry0, xs)
-    return c["tr"]
+  xs = (jnp.arange(n_iter), jnp.asarray(is_ckpt), jnp.asarray(window))
+  c, _ = lax.scan(body, carry0, xs)
+  return c["tr"]
 
 
 def _run(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> _Track:
-    """Clean batch + all restarts of one attack, as a _Track."""
-    params = lax.stop_gradient(params)
-    x = lax.stop_gradient(x)
-    logits = logits_fn(params, x)
-    target = target_labels(key, y, logits.shape[-1]) if cfg.targeted else None
-    tr = _Track(
-        x=x,
-        tier=jnp.full(y.shape, -1, jnp.int32),
-        obj=jnp.full(y.shape, -jnp.inf, logits.dtype),
-        margin=jnp.full(y.shape, -jnp.inf, logits.dtype),
-        correct=jnp.ones(y.shape, bool),
-    )
-    # The clean batch counts as evaluated: robust accuracy <= clean accuracy.
-    tr = _track_update(tr, x, logits, attack_objective(logits, y, cfg.loss, target), y, target)
-    evaluate = _make_evaluate(cfg, logits_fn, params, y, target)
-    _, k_runs = _split_key(key)
+  """Clean batch + all restarts of one attack, as a _Track."""
+  params = lax.stop_gradient(params)
+  x = lax.stop_gradient(x)
+  logits = logits_fn(params, x)
+  target = target_labels(key, y, logits.shape[-1]) if cfg.targeted else None
+  tr = _Track(
+      x=x,
+      tier=jnp.full(y.shape, -1, jnp.int32),
+      obj=jnp.full(y.shape, -jnp.inf, logits.dtype),
+      margin=jnp.full(y.shape, -jnp.inf, logits.dtype),
+      correct=jnp.ones(y.shape, bool),
+  )
+  # The clean batch counts as evaluated: robust accuracy <= clean accuracy.
+  tr = _track_update(tr, x, logits, attack_objective(logits, y, cfg.loss, target), y, target)
+  evaluate = _make_evaluate(cfg, logits_fn, params, y, target)
+  _, k_runs = _split_key(key)
 
-    def one_restart(r, tr):
-        k = jax.random.fold_in(k_runs, r)
-        if cfg.name == "apgd":
-            return _apgd_restart(cfg, evaluate, x, y, target, k, tr)
-        steps = 1 if cfg.name == "fgsm" else cfg.steps
-        return _pgd_restart(cfg, evaluate, x, y, target, k, tr, steps, cfg.resolved_step_size())
+  def one_restart(r, tr):
+    k = jax.random.fold_in(k_runs, r)
+    if cfg.name == "apgd":
+      return _apgd_restart(cfg, evaluate, x, y, target, k, tr)
+    steps = 1 if cfg.name == "fgsm" else cfg.steps
+    return _pgd_restart(cfg, evaluate, x, y, target, k, tr, steps, cfg.resolved_step_size())
 
-    tr = lax.fori_loop(0, cfg.restarts, one_restart, tr)
-    return jax.tree.map(lax.stop_gradient, tr)
+  tr = lax.fori_loop(0, cfg.restarts, one_restart, tr)
+  return jax.tree.map(lax.stop_gradient, tr)
 
 
 # ----------------------------------------------------------------------------
@@ -419,73 +419,68 @@ def _run(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> _Track:
 
 
 def attack(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> AttackResult:
-    """Runs the attack named by `cfg.name`.
+  """Runs the attack named by `cfg.name`.
 
-    Args:
-      cfg: static attack configuration.
-      logits_fn: static model, (params, (B, H, W, C)) -> (B, num_classes).
-      params: model parameters (pytree).
-      x: (B, H, W, C) clean inputs in [cfg.clip_min, cfg.clip_max].
-      y: (B,) int true labels.
-      key: typed PRNG key (jax.random.key); targets come from
-        target_labels(key, ...), restart r from a fold_in of it.
-    Returns:
-      AttackResult with x_adv (B, H, W, C) and correct (B,).
-    """
-    tr = _run(cfg, logits_fn, params, x, y, key)
-    return AttackResult(tr.x, tr.correct)
+  Args:
+    cfg: static attack configuration.
+    logits_fn: static model, (params, (B, H, W, C)) -> (B, num_classes).
+    params: model parameters (pytree).
+    x: (B, H, W, C) clean inputs in [cfg.clip_min, cfg.clip_max].
+    y: (B,) int true labels.
+    key: typed PRNG key (jax.random.key); targets come from
+      target_labels(key, ...), restart r from a fold_in of it.
+  Returns:
+    AttackResult with x_adv (B, H, W, C) and correct (B,).
+  """
+  tr = _run(cfg, logits_fn, params, x, y, key)
+  return AttackResult(tr.x, tr.correct)
 
 
 def fgsm(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> AttackResult:
-    """FGSM: one ascent step (default size epsilon) from x or, with
-    random_start, from a random point in the ball (Wong et al. 2020 use a step
-    of 1.25 * epsilon there). Shapes as in :func:`attack`."""
-    return attack(dataclasses.replace(cfg, name="fgsm"), logits_fn, params, x, y, key)
+  """FGSM: one ascent step (default size epsilon) from x or, with
+  random_start, from a random point in the ball (Wong et al. 2020 use a step
+  of 1.25 * epsilon there). Shapes as in :func:`attack`."""
+  return attack(dataclasses.replace(cfg, name="fgsm"), logits_fn, params, x, y, key)
 
 
 def pgd(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> AttackResult:
-    """PGD (Madry et al. 2018): cfg.steps sign (Linf) / normalised (L2)
-    gradient steps, each followed by projection. Shapes as in :func:`attack`."""
-    return attack(dataclasses.replace(cfg, name="pgd"), logits_fn, params, x, y, key)
+  """PGD (Madry et al. 2018): cfg.steps sign (Linf) / normalised (L2)
+  gradient steps, each followed by projection. Shapes as in :func:`attack`."""
+  return attack(dataclasses.replace(cfg, name="pgd"), logits_fn, params, x, y, key)
 
 
 def apgd(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> AttackResult:
-    """APGD (Croce & Hein 2020) with cfg.steps iterations per restart.
-    Shapes as in :func:`attack`."""
-    return attack(dataclasses.replace(cfg, name="apgd"), logits_fn, params, x, y, key)
+  """APGD (Croce & Hein 2020) with cfg.steps iterations per restart.
+  Shapes as in :func:`attack`."""
+  return attack(dataclasses.replace(cfg, name="apgd"), logits_fn, params, x, y, key)
 
 
 def worst_case(
     cfg_list: Sequence[AttackConfig], logits_fn: LogitsFn, params, x, y, key
 ) -> AttackResult:
-    """Ensemble of attacks; attack i runs with key jax.random.fold_in(key, i).
+  """Ensemble of attacks; attack i runs with key jax.random.fold_in(key, i).
 
-    correct is the AND over attacks; x_adv per example comes from an attack that
-    misclassified it if any did, choosing the largest margin
-    max_{j!=y} z_j - z_y (comparable across losses) among those.
-    Shapes as in :func:`attack`.
-    """
-    if not cfg_list:
-        raise ValueError("worst_case needs at least one attack")
-    tracks = [
-        _run(c, logits_fn, params, x, y, jax.random.fold_in(key, i))
-        for i, c in enumerate(cfg_list)
-    ]
-    st = jax.tree.map(lambda *a: jnp.stack(a), *tracks)  # leading attack axis
-    fooled = ~st.correct  # (A, B)
-    eligible = fooled | ~jnp.any(fooled, axis=0, keepdims=True)
-    best = jnp.argmax(jnp.where(eligible, st.margin, -jnp.inf), axis=0)  # (B,)
-    x_adv = jnp.take_along_axis(st.x, _bcast(best, x)[None], axis=0)[0]
-    return AttackResult(x_adv, jnp.all(st.correct, axis=0))
-
-
-def make_attack(cfg: AttackConfig, logits_fn: LogitsFn):
-    """Jitted (params, x, y, key) -> AttackResult for a fixed cfg and model."""
-    return jax.jit(functools.partial(attack, cfg, logits_fn))
+  correct is the AND over attacks; x_adv per example comes from an attack that
+  misclassified it if any did, choosing the largest margin
+  max_{j!=y} z_j - z_y (comparable across losses) among those.
+  Shapes as in :func:`attack`.
+  """
+  if not cfg_list:
+    raise ValueError("worst_case needs at least one attack")
+  tracks = [
+      _run(c, logits_fn, params, x, y, jax.random.fold_in(key, i))
+      for i, c in enumerate(cfg_list)
+  ]
+  st = jax.tree.map(lambda *a: jnp.stack(a), *tracks)  # leading attack axis
+  fooled = ~st.correct  # (A, B)
+  eligible = fooled | ~jnp.any(fooled, axis=0, keepdims=True)
+  best = jnp.argmax(jnp.where(eligible, st.margin, -jnp.inf), axis=0)  # (B,)
+  x_adv = jnp.take_along_axis(st.x, _bcast(best, x)[None], axis=0)[0]
+  return AttackResult(x_adv, jnp.all(st.correct, axis=0))
 
 
 __all__ = [
     "AttackConfig", "AttackResult", "attack", "fgsm", "pgd", "apgd", "worst_case",
     "perturbation_norm", "project", "attack_objective", "margin_loss",
-    "target_labels", "apgd_checkpoints", "make_attack",
+    "target_labels", "apgd_checkpoints",
 ]
