@@ -142,6 +142,12 @@ def make_model(num_classes: int, image_shape: Sequence[int], filters: int = 64,
     raise ValueError(f"unknown model variant {variant!r}; choose one of {VARIANTS}")
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"unknown conv_impl {conv_impl!r}; choose one of {CONV_IMPLS}")
+  side = min(image_shape[:2])
+  for _ in range(4):
+    side = -(-side // 2) if variant == "strided" else side // 2
+  if side < 1:
+    raise ValueError(f"images of {tuple(image_shape[:2])} pixels are too small for four "
+                     f"{variant} blocks; use at least 16x16 with max-pooling")
   module = Conv4(num_classes, filters, variant, conv_impl)
   dummy = jnp.zeros((2, *image_shape), jnp.float32)
 
