@@ -13,8 +13,10 @@ scalars averaged over tasks for logging. A new objective is a few lines::
       loss, acc = learner.loss(fast, task.query_x, task.query_y)
       return loss, {"loss": loss, "accuracy": acc}
 
-and is passed to ``make_train_step`` (or registered in ``OBJECTIVES`` to be
-selectable by ``--objective``).
+and is passed to ``make_train_step``. To make it selectable by ``--objective``,
+register a factory that builds it from the run's ``Config``::
+
+    OBJECTIVES["mine"] = lambda cfg: my_objective
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ def natural(learner: Learner, meta_params: dict, task: Episode, key):
   return loss, {"loss": loss, "accuracy": accuracy}
 
 
-OBJECTIVES: dict[str, Objective] = {
-    "natural": natural,
+# name -> factory(cfg) -> objective; factories read the settings they need from the config.
+OBJECTIVES: dict[str, Callable[[object], Objective]] = {
+    "natural": lambda cfg: natural,
 }
 
 
-def get_objective(name: str) -> Objective:
-  if name not in OBJECTIVES:
-    raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
-  return OBJECTIVES[name]
+def get_objective(cfg) -> Objective:
+  """The objective named by ``cfg.objective``, built from ``cfg``."""
+  if cfg.objective not in OBJECTIVES:
+    raise ValueError(f"unknown objective {cfg.objective!r}; choose one of {sorted(OBJECTIVES)}")
+  return OBJECTIVES[cfg.objective](cfg)

@@ -169,7 +169,7 @@ def train(cfg: Config, workdir: str | os.PathLike) -> dict:
   _, train_key, val_key = run_keys(cfg.seed)
   train_pool = jax.device_put(splits["train"].images)
   val_pool = jax.device_put(splits["val"].images)
-  train_step = make_train_step(exp.learner, get_objective(cfg.objective), exp.optimizer,
+  train_step = make_train_step(exp.learner, get_objective(cfg), exp.optimizer,
                                meta_batch_size=cfg.meta_batch_size, n_way=cfg.n_way,
                                k_shot=cfg.k_shot, q_query=cfg.q_query)
 
