@@ -56,7 +56,7 @@ def make_train_step(learner: Learner, objective: Objective,
     (loss, metrics), grads = grad_fn(state.meta_params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
     meta_params = optax.apply_updates(state.meta_params, updates)
-    metrics = {**metrics, "outer_loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "outer_loss": loss, "grad_norm": optax.tree.norm(grads)}
     return TrainState(state.step + 1, meta_params, opt_state), metrics
 
   return jax.jit(train_step, donate_argnums=0) if jit else train_step
