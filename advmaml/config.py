@@ -48,6 +48,16 @@ class Config:
   outer_lr: float = 1e-3
   num_steps: int = 60000
   seed: int = 0
+  # Training-time attack of the robust objectives "aq", "adml", "rmaml", "adv_support"
+  # (advmaml/robust_objectives.py).
+  train_attack: str = "pgd"         # "fgsm", "pgd" or "apgd" (rmaml: fgsm/pgd only)
+  train_norm: str = "linf"          # "linf" or "l2"
+  train_epsilon: float = 0.1        # radius, in [0, 1] pixel units
+  train_attack_steps: int = 7       # PGD-7 as in Madry et al. (2018); FGSM always takes 1
+  train_step_size: float | None = None  # None: 2.5 * eps / steps (PGD), eps (FGSM)
+  train_random_start: bool = True
+  trades_beta: float = 0.0          # aq: + beta * KL(p_clean || p_adv) on the query set (0: off)
+  rmaml_beta: float = 5.0           # rmaml: weight of the TRADES KL term (Wang et al. 2021 Omniglot code)
   # Bookkeeping.
   log_every: int = 100
   eval_every: int = 2000            # validation episodes every N steps (0: never)
@@ -88,6 +98,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def train_attack_config(cfg: Config):
+  """The ``attacks.AttackConfig`` of the training-time attack (one restart, CE loss)."""
+  from advmaml import attacks  # local: keep config import-light
+  return attacks.AttackConfig(
+      name=cfg.train_attack, norm=cfg.train_norm, epsilon=cfg.train_epsilon,
+      step_size=cfg.train_step_size, steps=cfg.train_attack_steps, restarts=1,
+      random_start=cfg.train_random_start, loss="ce")
+
+
 def preset(name: str, **overrides) -> Config:
   if name not in PRESETS:
     raise ConfigError(f"--preset={name!r} is unknown; choose one of {sorted(PRESETS)}")
@@ -119,6 +138,34 @@ def validate(cfg: Config) -> None:
     raise ConfigError(f"--conv_impl={cfg.conv_impl!r}; choose one of {models.CONV_IMPLS}")
   if cfg.objective not in objectives.OBJECTIVES:
     raise ConfigError(f"--objective={cfg.objective!r}; choose one of {sorted(objectives.OBJECTIVES)}")
+  _validate_train_attack(cfg)
+
+
+_TRAIN_ATTACKS = ("fgsm", "pgd", "apgd")
+_TRAIN_NORMS = ("linf", "l2")
+
+
+def _validate_train_attack(cfg: Config) -> None:
+  """The training-time attack flags. ``not x >= 0`` also rejects NaN."""
+  if cfg.train_attack not in _TRAIN_ATTACKS:
+    raise ConfigError(f"--train_attack={cfg.train_attack!r}; choose one of {_TRAIN_ATTACKS}")
+  if cfg.train_norm not in _TRAIN_NORMS:
+    raise ConfigError(f"--train_norm={cfg.train_norm!r}; choose one of {_TRAIN_NORMS}")
+  for name in ("train_epsilon", "trades_beta", "rmaml_beta"):
+    if not getattr(cfg, name) >= 0:
+      raise ConfigError(f"--{name}={getattr(cfg, name)} must be >= 0")
+  if cfg.train_attack_steps < 1:
+    raise ConfigError(f"--train_attack_steps={cfg.train_attack_steps} must be >= 1")
+  if cfg.train_step_size is not None and not cfg.train_step_size > 0:
+    raise ConfigError(f"--train_step_size={cfg.train_step_size} must be positive "
+                      "(leave it unset for 2.5 * train_epsilon / train_attack_steps)")
+  if cfg.objective == "rmaml" and cfg.train_attack == "apgd":
+    raise ConfigError("--train_attack='apgd' is not supported by --objective='rmaml' "
+                      "(its KL-maximising attack is FGSM or PGD); use fgsm or pgd")
+  try:  # anything else AttackConfig refuses
+    train_attack_config(cfg)
+  except ValueError as e:
+    raise ConfigError(f"training attack: {e}") from e
 
 
 def validate_against_data(cfg: Config, pools: dict) -> None:

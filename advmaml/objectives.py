@@ -48,3 +48,9 @@ def get_objective(cfg) -> Objective:
   if cfg.objective not in OBJECTIVES:
     raise ValueError(f"unknown objective {cfg.objective!r}; choose one of {sorted(OBJECTIVES)}")
   return OBJECTIVES[cfg.objective](cfg)
+
+
+# Registers the robust objectives ("aq", "adml", "rmaml", "adv_support") so that
+# --objective and config.validate see them. At the bottom because
+# robust_objectives imports OBJECTIVES from this (by then initialised) module.
+from advmaml import robust_objectives  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import
