@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import io
 import os
 import pathlib
 import re
-import shutil
-import stat
-import tempfile
+import tempfile  # noqa: F401  (tests patch omniglot.tempfile; the probe is in cache)
 import urllib.error
-import urllib.request
+import urllib.request  # noqa: F401  (tests patch omniglot.urllib.request.urlopen)
 import zipfile
 import zlib
 from typing import NamedTuple
@@ -32,6 +29,11 @@ from typing import NamedTuple
 import numpy as np
 from absl import logging
 from PIL import Image
+
+from advmaml.data import cache
+# Re-exported: these lived here before advmaml.data.cache existed.
+from advmaml.data.cache import DataError, default_cache_dir
+from advmaml.data.cache import is_writable as _is_writable
 
 DATA_DIR_ENV = "ADVMAML_DATA_DIR"
 ZIP_NAMES = ("images_background.zip", "images_evaluation.zip")
@@ -46,14 +48,6 @@ _PNG_RE = re.compile(r"(\d{4})_(\d{2})\.png")
 _CHARACTER_RE = re.compile(r"character\d+")
 # Decoder errors PIL raises on a damaged PNG (SyntaxError: "broken PNG file").
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
-# mkstemp creates 0o600 files; others sharing the folder should read them too.
-_FILE_MODE = 0o644
-_CACHE_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
-
-
-class DataError(ValueError):
-  """The data set files are missing, damaged or not laid out as expected."""
-
 
 @dataclasses.dataclass(frozen=True)
 class OmniglotData:
@@ -90,14 +84,6 @@ class CharacterIndex(NamedTuple):
   character_id: int
   alphabet: str
   members: tuple[str, ...]  # 20 member names, drawers 01..20 in order
-
-
-def default_cache_dir() -> pathlib.Path:
-  """$XDG_CACHE_HOME/advmaml, or ~/.cache/advmaml when that is unset."""
-  xdg = os.environ.get("XDG_CACHE_HOME", "")
-  # The XDG spec says to ignore relative paths.
-  base = pathlib.Path(xdg) if os.path.isabs(xdg) else pathlib.Path.home() / ".cache"
-  return base / "advmaml"
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> pathlib.Path:
@@ -177,24 +163,6 @@ def index_zip(path: str | os.PathLike) -> list[CharacterIndex]:
   return entries
 
 
-def _is_writable(folder: pathlib.Path) -> bool:
-  """Whether we may and can create a file in `folder`.
-
-  Root ignores permission bits, so a folder made read-only (chmod a-w) is
-  checked by its mode; a read-only mount is found by trying to create a file
-  (os.access says yes there for root).
-  """
-  try:
-    if not folder.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
-      return False
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".advmaml_probe_")
-  except OSError:
-    return False
-  os.close(fd)
-  os.unlink(tmp)
-  return True
-
-
 def _ensure_writable(folder: pathlib.Path) -> bool:
   """Creates `folder` if needed; whether files can then be written in it."""
   try:
@@ -206,20 +174,7 @@ def _ensure_writable(folder: pathlib.Path) -> bool:
 
 def _download(url: str, dest: pathlib.Path) -> None:
   """Fetches `url` into `dest` atomically; raises OSError on any failure."""
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-  try:
-    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
-        url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-      shutil.copyfileobj(response, out)
-    # A proxy or captive portal may answer with an HTML page.
-    if not zipfile.is_zipfile(tmp):
-      raise OSError(f"{url} did not return a zip file")
-    os.chmod(tmp, _FILE_MODE)
-    os.replace(tmp, dest)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  cache.download_file(url, dest, zipfile.is_zipfile, "a zip file", DOWNLOAD_TIMEOUT_S)
 
 
 def _find_zips(data_dir: pathlib.Path, cache_dir: pathlib.Path, download: bool,
@@ -255,66 +210,43 @@ def _find_zips(data_dir: pathlib.Path, cache_dir: pathlib.Path, download: bool,
   return paths
 
 
-def _sha256(path: pathlib.Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def _fingerprint(zip_paths: list[pathlib.Path], image_size: int) -> str:
   """Identifies what a cache was built from: zip contents, size, format."""
-  sums = ",".join(f"{p.name}:{_sha256(p)}" for p in zip_paths)
+  sums = ",".join(f"{p.name}:{cache.sha256(p)}" for p in zip_paths)
   return f"v{FORMAT_VERSION};size={image_size};{sums}"
 
 
 def _read_cache(path: pathlib.Path, fingerprint: str) -> OmniglotData | None:
   """The cached data, or None (with a warning) if missing, corrupt or stale."""
-  if not path.exists():
-    return None
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      if str(f["fingerprint"]) != fingerprint:
-        logging.warning("Omniglot cache %s is stale (built from other data); "
-                        "rebuilding it.", path)
-        return None
-      return OmniglotData(
-          images=f["images"], character_ids=f["character_ids"].astype(np.int32),
-          alphabets=tuple(str(a) for a in f["alphabets"]),
-          background=f["background"].astype(bool))
-  except _CACHE_ERRORS as e:
-    logging.warning("Omniglot cache %s cannot be read (%s); rebuilding it.", path, e)
-    return None
+  return cache.read_npz(path, fingerprint, "Omniglot", lambda f: OmniglotData(
+      images=f["images"], character_ids=f["character_ids"].astype(np.int32),
+      alphabets=tuple(str(a) for a in f["alphabets"]),
+      background=f["background"].astype(bool)))
 
 
 def _write_cache(path: pathlib.Path, data: OmniglotData, fingerprint: str) -> None:
   """Writes the cache atomically; a failure only costs a later rebuild."""
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-      with os.fdopen(fd, "wb") as f:
-        np.savez_compressed(
-            f, images=data.images, character_ids=data.character_ids,
-            alphabets=np.array(data.alphabets, dtype=np.str_),
-            background=data.background, fingerprint=np.array(fingerprint))
-      os.chmod(tmp, _FILE_MODE)
-      os.replace(tmp, path)
-    except BaseException:
-      os.unlink(tmp)
-      raise
-  except OSError as e:
-    logging.warning("Could not write the Omniglot cache %s (%s).", path, e)
+  cache.write_npz(path, dict(
+      images=data.images, character_ids=data.character_ids,
+      alphabets=np.array(data.alphabets, dtype=np.str_), background=data.background),
+      fingerprint, "Omniglot")
 
 
-def _decode_png(data: bytes, image_size: int) -> np.ndarray:
-  """One PNG's bytes -> (image_size, image_size) uint8, ink = 255."""
+def decode_png(data: bytes, image_size: int) -> np.ndarray:
+  """One PNG's bytes -> (image_size, image_size) uint8, ink = 255.
+
+  The one image convention of every Omniglot source (zips, TFDS, Lake's runs):
+  grey, Lanczos resize when the size differs, inverted.
+  """
   with Image.open(io.BytesIO(data)) as img:
     gray = img.convert("L")
   if gray.size != (image_size, image_size):
     gray = gray.resize((image_size, image_size), Image.Resampling.LANCZOS)
   return 255 - np.asarray(gray, dtype=np.uint8)
+
+
+# The zip decoder calls it by this name, so tests can replace it.
+_decode_png = decode_png
 
 
 def _decode_zip(path: pathlib.Path, entries: list[CharacterIndex],
