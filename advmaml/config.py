@@ -20,8 +20,9 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Config:
   # Data.
-  dataset: str = "omniglot"
-  data_dir: str | None = None       # else $ADVMAML_DATA_DIR, else ~/.cache/advmaml/omniglot
+  dataset: str = "omniglot"          # see advmaml.data.sources.DATASETS
+  data_dir: str | None = None       # else the dataset's variable ($ADVMAML_DATA_DIR for Omniglot), else ~/.cache/advmaml/<dataset>
+  tfds_data_dir: str | None = None  # TFDS datasets (*_tfds): prepared data folder, else data_dir
   split: str = "vinyals"            # "vinyals" (MAML paper) or "lake" (background/evaluation alphabets)
   split_seed: int = 0
   rotate: bool = True               # 90-degree rotations as extra classes
@@ -85,12 +86,27 @@ class Config:
 _OMNIGLOT_5WAY = dict(n_way=5, inner_lr=0.4, inner_steps=1, meta_batch_size=32)
 _OMNIGLOT_20WAY = dict(n_way=20, inner_lr=0.1, inner_steps=5, meta_batch_size=16)
 
+# MAML (Finn et al. 2017) Mini-ImageNet: Conv4 with max-pool, 32 filters, inner lr 0.01,
+# 5 inner steps (10 at test), meta-batch 4, 15 query images per class; CIFAR-FS and
+# FC100 use the same network and settings at 32x32.
+_MINI_IMAGENET = dict(dataset="mini_imagenet", split="ravi", rotate=False, image_size=84,
+                      model="maxpool", filters=32, inner_lr=0.01, inner_steps=5,
+                      eval_inner_steps=10, meta_batch_size=4, q_query=15, eval_q_query=15)
+_CIFAR_FS = dict(_MINI_IMAGENET, dataset="cifar_fs", split="bertinetto", image_size=32)
+_FC100 = dict(_MINI_IMAGENET, dataset="fc100", split="oreshkin", image_size=32)
+
 # MAML paper (Finn et al. 2017) Omniglot settings: Adam 1e-3, 10 inner steps at test.
 PRESETS: dict[str, dict[str, Any]] = {
     "omniglot_5w1s": dict(_OMNIGLOT_5WAY, k_shot=1, q_query=1, eval_q_query=1),
     "omniglot_5w5s": dict(_OMNIGLOT_5WAY, k_shot=5, q_query=5, eval_q_query=5),
     "omniglot_20w1s": dict(_OMNIGLOT_20WAY, k_shot=1, q_query=1, eval_q_query=1),
     "omniglot_20w5s": dict(_OMNIGLOT_20WAY, k_shot=5, q_query=5, eval_q_query=5),
+    "mini_imagenet_5w1s": dict(_MINI_IMAGENET, n_way=5, k_shot=1),
+    "mini_imagenet_5w5s": dict(_MINI_IMAGENET, n_way=5, k_shot=5),
+    "cifar_fs_5w1s": dict(_CIFAR_FS, n_way=5, k_shot=1),
+    "cifar_fs_5w5s": dict(_CIFAR_FS, n_way=5, k_shot=5),
+    "fc100_5w1s": dict(_FC100, n_way=5, k_shot=1),
+    "fc100_5w5s": dict(_FC100, n_way=5, k_shot=5),
     # A few-second configuration for tests and smoke runs.
     "tiny": dict(n_way=3, k_shot=1, q_query=2, eval_q_query=2, filters=8, meta_batch_size=2,
                  inner_steps=1, eval_inner_steps=2, num_steps=4, log_every=2, eval_every=0,
@@ -122,6 +138,11 @@ def _positive(cfg: Config, *names: str):
 def validate(cfg: Config) -> None:
   """Checks what can be checked without data; raises ConfigError naming the flag."""
   from advmaml import models, objectives  # local: keep config import-light
+  from advmaml.data import sources
+  try:
+    sources.check_protocol(cfg.dataset, cfg.split, cfg.rotate)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   _positive(cfg, "n_way", "k_shot", "q_query", "eval_q_query", "image_size", "filters",
             "meta_batch_size", "outer_lr", "num_steps", "log_every", "checkpoint_every",
             "keep_checkpoints", "test_episodes", "eval_batch_tasks", "val_episodes")
@@ -181,4 +202,4 @@ def validate_against_data(cfg: Config, pools: dict) -> None:
     if cfg.k_shot + q > num_examples:
       raise ConfigError(
           f"--k_shot={cfg.k_shot} plus --{flag}={q} needs {cfg.k_shot + q} distinct examples "
-          f"per class but the {split} split has {num_examples} (Omniglot: 20 drawers)")
+          f"per class but the {split} split has {num_examples} per class")

@@ -13,8 +13,8 @@ from advmaml import checkpoint
 from advmaml.config import Config, ConfigError, validate_against_data
 from advmaml.data.sources import load_class_splits
 from advmaml.evaluation import evaluate_episodes
-from advmaml.training import (Experiment, atomic_write_text, build_experiment, image_shape_of,
-                              initial_state, state_from_tree)
+from advmaml.training import (Experiment, atomic_write_text, build_experiment, initial_state,
+                              state_from_tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +38,17 @@ def _find_checkpoint(path: pathlib.Path) -> tuple[int, dict, pathlib.Path]:
   return step, tree, path
 
 
-def load_trained(path: str | os.PathLike, data_dir: str | None = None) -> tuple[TrainedRun, dict]:
-  """Loads the newest good checkpoint under ``path``; returns (run, class splits).
+def image_shape_for(cfg: Config) -> tuple[int, int, int]:
+  """(H, W, C) of the dataset's images: grayscale Omniglot, RGB otherwise."""
+  channels = 1 if cfg.dataset.startswith("omniglot") else 3
+  return (cfg.image_size, cfg.image_size, channels)
 
-  The config stored in the checkpoint decides the network and the data split,
-  so a model is always evaluated on the protocol it was trained for.
+
+def load_checkpointed_run(path: str | os.PathLike, data_dir: str | None = None) -> TrainedRun:
+  """Loads the newest good checkpoint under ``path`` and rebuilds its network.
+
+  The config stored in the checkpoint decides the network, so a model is
+  always evaluated as it was trained. No data is read.
   """
   step, tree, source = _find_checkpoint(pathlib.Path(path))
   if not isinstance(tree, dict) or not isinstance(tree.get("config"), dict):
@@ -50,13 +56,19 @@ def load_trained(path: str | os.PathLike, data_dir: str | None = None) -> tuple[
   cfg = Config.from_dict(tree["config"])
   if data_dir is not None:
     cfg = cfg.replace(data_dir=data_dir)
+  exp = build_experiment(cfg, image_shape_for(cfg))
+  state = state_from_tree(tree, initial_state(exp, cfg.seed), str(source))
+  return TrainedRun(cfg, exp, state.meta_params, step, str(source))
+
+
+def load_trained(path: str | os.PathLike, data_dir: str | None = None) -> tuple[TrainedRun, dict]:
+  """The newest good checkpoint under ``path`` and the class splits of the protocol it was trained on."""
+  run = load_checkpointed_run(path, data_dir)
+  cfg = run.cfg
   splits = load_class_splits(cfg.dataset, data_dir=cfg.data_dir, split=cfg.split,
                              split_seed=cfg.split_seed, rotate=cfg.rotate,
-                             image_size=cfg.image_size)
-  exp = build_experiment(cfg, image_shape_of(splits["train"].images))
-  template = initial_state(exp, cfg.seed)
-  state = state_from_tree(tree, template, str(source))
-  return TrainedRun(cfg, exp, state.meta_params, step, str(source)), splits
+                             image_size=cfg.image_size, tfds_data_dir=cfg.tfds_data_dir)
+  return run, splits
 
 
 def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_episodes: int | None = None,

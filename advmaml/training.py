@@ -36,7 +36,8 @@ from advmaml.objectives import get_objective
 
 # Settings that may change when a run is resumed: they do not change the math.
 RESUMABLE_CHANGES = ("num_steps", "log_every", "eval_every", "val_episodes", "checkpoint_every",
-                     "keep_checkpoints", "test_episodes", "eval_batch_tasks", "data_dir")
+                     "keep_checkpoints", "test_episodes", "eval_batch_tasks", "data_dir",
+                     "tfds_data_dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +151,7 @@ def train(cfg: Config, workdir: str | os.PathLike) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   splits = load_class_splits(cfg.dataset, data_dir=cfg.data_dir, split=cfg.split,
                              split_seed=cfg.split_seed, rotate=cfg.rotate,
-                             image_size=cfg.image_size)
+                             image_size=cfg.image_size, tfds_data_dir=cfg.tfds_data_dir)
   validate_against_data(cfg, {name: s.images for name, s in splits.items()})
   check_or_write_config(workdir, cfg)
 

@@ -1,0 +1,60 @@
+r"""Score a meta-learner on Lake et al.'s 20 one-shot classification runs.
+
+  python -m experiments.evaluate_lake --runs=all_runs.zip --workdir=runs/lake_20w1s \
+      [--epsilons=0.05,0.1 --attacks=pgd,margin,apgd]
+
+The model must have been meta-trained on the background alphabets only
+(--split=lake) and be 20-way. Writes <workdir>/eval_lake_runs.json (or --output)
+with the error rate of every run and the mean, clean and under attack.
+"""
+
+import pathlib
+
+from absl import app, flags, logging
+
+from advmaml.checkpoint import CheckpointError
+from advmaml.config import ConfigError
+from advmaml.data.lake_runs import load_lake_runs
+from advmaml.data.omniglot import DataError
+from advmaml.lake_eval import check_model_fits_lake, evaluate_lake
+from advmaml.trained_runs import load_checkpointed_run, write_json
+from experiments.attack_flags import attack_record, attack_settings_from_flags, metric_fn_from_settings
+
+RUNS = flags.DEFINE_string("runs", None, "Lake's all_runs.zip, or the folder it extracts to.",
+                           required=True)
+WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, or a checkpoint folder/file.",
+                              required=True)
+SEED = flags.DEFINE_integer("seed", 0, "Seed of the attacks' random starts.")
+INNER_STEPS = flags.DEFINE_integer("inner_steps", None, "Adaptation steps (default: the run's eval_inner_steps).")
+OUTPUT = flags.DEFINE_string("output", None, "JSON output path (default <workdir>/eval_lake_runs.json).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  settings = attack_settings_from_flags()
+  try:
+    run = load_checkpointed_run(WORKDIR.value)
+    cfg = run.cfg
+    check_model_fits_lake(cfg)   # before decoding the runs: fail fast
+    runs, names = load_lake_runs(RUNS.value, image_size=cfg.image_size)
+  except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from None
+  inner_steps = cfg.eval_inner_steps if INNER_STEPS.value is None else INNER_STEPS.value
+  metric_fn = metric_fn_from_settings(settings, cfg.n_way, inner_steps)
+  record = evaluate_lake(run.exp.learner, run.meta_params, cfg, runs, names, inner_steps=inner_steps,
+                         metric_fn=metric_fn, seed=SEED.value)
+  record.update(checkpoint=run.source, step=run.step, runs_file=str(RUNS.value))
+  if settings.epsilons:
+    record["attack"] = attack_record(settings, cfg.n_way)
+  workdir = pathlib.Path(WORKDIR.value)
+  output = OUTPUT.value or (workdir if workdir.is_dir() else workdir.parent) / "eval_lake_runs.json"
+  write_json(output, record)
+  for name, stats in record["mean_error"].items():
+    logging.info("%s error over %d runs: %.2f%% +- %.2f%%", name, stats["n"], 100 * stats["mean"],
+                 100 * stats["ci95"])
+  logging.info("written to %s", output)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,124 @@
+"""Lake's one-shot runs: reading all_runs.zip, scoring a model, refusing the wrong model."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+
+from advmaml import checkpoint
+from advmaml.config import ConfigError, preset
+from advmaml.data.lake_runs import load_lake_runs
+from advmaml.data.omniglot import DataError
+from advmaml.lake_eval import evaluate_lake
+from advmaml.training import build_experiment, initial_state, state_to_tree
+from fake_omniglot import ink_mask, png_bytes
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def true_class(run: int, item: int) -> int:
+  """A fixed permutation: test item MM of run r belongs to training class (MM*7 + r) % 20."""
+  return (item * 7 + run) % 20
+
+
+def write_runs(path: pathlib.Path, top: str = "all_runs/") -> pathlib.Path:
+  """all_runs.zip in the official layout; item MM is a copy of its class's training image."""
+  with zipfile.ZipFile(path, "w") as zf:
+    for r in range(1, 21):
+      run = f"run{r:02d}"
+      lines = []
+      for k in range(20):
+        zf.writestr(f"{top}{run}/training/class{k + 1:02d}.png", png_bytes(ink_mask(k + r, k % 5)))
+      for m in range(20):
+        k = true_class(r, m)
+        zf.writestr(f"{top}{run}/test/item{m + 1:02d}.png", png_bytes(ink_mask(k + r, k % 5)))
+        lines.append(f"{run}/test/item{m + 1:02d}.png {run}/training/class{k + 1:02d}.png")
+      zf.writestr(f"{top}{run}/class_labels.txt", "\n".join(lines) + "\n")
+  return path
+
+
+def lake_cfg(**changes):
+  return preset("tiny", n_way=20, split="lake", filters=16, inner_lr=0.5, eval_inner_steps=30,
+                **changes)
+
+
+def test_reads_the_official_layout(tmp_path):
+  runs, names = load_lake_runs(write_runs(tmp_path / "all_runs.zip"))
+  assert names[0] == "run01" and len(names) == 20
+  assert runs.support_x.shape == (20, 20, 28, 28, 1) and runs.support_x.dtype == np.uint8
+  np.testing.assert_array_equal(runs.query_y[2], [true_class(3, m) for m in range(20)])
+  # Items are copies of their class's training image: decoding and labels line up.
+  for r in (0, 7):
+    np.testing.assert_array_equal(runs.query_x[r], runs.support_x[r][runs.query_y[r]])
+  assert runs.support_x.max() == 255   # ink = 255 after inversion, as the training data
+
+
+def test_folder_and_zip_without_top_folder_read_the_same(tmp_path):
+  zipped = write_runs(tmp_path / "flat.zip", top="")
+  folder = tmp_path / "extracted"
+  zipfile.ZipFile(zipped).extractall(folder)
+  a, _ = load_lake_runs(zipped)
+  b, _ = load_lake_runs(folder)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_bad_runs_are_reported(tmp_path):
+  with pytest.raises(DataError, match="all_runs.zip"):
+    load_lake_runs(tmp_path / "missing.zip")
+  bad = tmp_path / "bad.zip"
+  with zipfile.ZipFile(write_runs(tmp_path / "ok.zip")) as src, zipfile.ZipFile(bad, "w") as dst:
+    for name in src.namelist():
+      if name != "all_runs/run05/test/item03.png":
+        dst.writestr(name, src.read(name))
+  with pytest.raises(DataError, match="run05/test/item03.png"):
+    load_lake_runs(bad)
+
+
+def test_scores_a_model_that_can_fit_the_runs(tmp_path):
+  """Items equal their class's training image, so adapting to the support set solves every run."""
+  cfg = lake_cfg()
+  exp = build_experiment(cfg, (28, 28, 1))
+  meta = initial_state(exp, 0).meta_params
+  runs, names = load_lake_runs(write_runs(tmp_path / "all_runs.zip"))
+  result = evaluate_lake(exp.learner, meta, cfg, runs, names, inner_steps=30)
+  assert result["mean_error"]["accuracy"]["mean"] <= 0.05
+  none = evaluate_lake(exp.learner, meta, cfg, runs, names, inner_steps=0)
+  assert none["mean_error"]["accuracy"]["mean"] > 0.5          # no adaptation: near chance
+  assert set(result["per_run"]) == set(names)
+
+
+@pytest.mark.parametrize("changes,message", [(dict(split="vinyals"), "--split=lake"),
+                                             (dict(n_way=5), "--n_way=20")])
+def test_refuses_models_that_do_not_fit(tmp_path, changes, message):
+  cfg = lake_cfg().replace(**changes)
+  exp = build_experiment(cfg, (28, 28, 1))
+  runs, names = load_lake_runs(write_runs(tmp_path / "all_runs.zip"))
+  with pytest.raises(ConfigError, match=message):
+    evaluate_lake(exp.learner, initial_state(exp, 0).meta_params, cfg, runs, names, inner_steps=1)
+
+
+def test_entry_point_clean_and_under_attack(tmp_path):
+  cfg = lake_cfg()
+  exp = build_experiment(cfg, (28, 28, 1))
+  checkpoint.save_checkpoint(tmp_path / "work" / "checkpoints", 0,
+                             state_to_tree(initial_state(exp, 0), cfg))
+  runs = write_runs(tmp_path / "all_runs.zip")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-m", "experiments.evaluate_lake", f"--runs={runs}",
+                        f"--workdir={tmp_path / 'work'}", "--epsilons=1.0", "--attacks=pgd",
+                        "--attack_steps=5"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  record = json.loads((tmp_path / "work" / "eval_lake_runs.json").read_text())
+  clean = record["mean_error"]["clean_accuracy"]["mean"]
+  robust = record["mean_error"]["robust_accuracy@1.0"]["mean"]
+  assert clean <= 0.05 and robust == 1.0 and len(record["per_run"]) == 20
