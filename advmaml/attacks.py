@@ -160,14 +160,14 @@ def project(x_adv: jax.Array, x: jax.Array, cfg: AttackConfig) -> jax.Array:
   return jnp.clip(x + delta, cfg.clip_min, cfg.clip_max)
 
 
-def _ascent_direction(g: jax.Array, norm: str) -> jax.Array:
+def ascent_direction(g: jax.Array, norm: str) -> jax.Array:
   """Steepest ascent direction of unit norm: sign (Linf) or g/||g|| (L2)."""
   if norm == "linf":
     return jnp.sign(g)
   return g / _bcast(jnp.maximum(perturbation_norm(g, "l2"), _TINY), g)
 
 
-def _random_start(key: jax.Array, x: jax.Array, cfg: AttackConfig) -> jax.Array:
+def random_start(key: jax.Array, x: jax.Array, cfg: AttackConfig) -> jax.Array:
   """Uniform in the Linf ball, or uniform direction and radius in the L2 ball."""
   if not cfg.random_start:
     return x
@@ -289,13 +289,13 @@ def _pgd_restart(cfg, evaluate, x, y, target, key, tr, steps, step_size):
   """One PGD run: evaluates x_0, ..., x_steps (steps+1 gradient evaluations,
   the last update is discarded) so that PGD-k's evaluations are a prefix of
   PGD-2k's with the same start and step size."""
-  x0 = _random_start(key, x, cfg)
+  x0 = random_start(key, x, cfg)
 
   def body(_, carry):
     xk, tr = carry
     logits, obj, g = evaluate(xk)
     tr = _track_update(tr, xk, logits, obj, y, target)
-    x_next = project(xk + step_size * _ascent_direction(g, cfg.norm), x, cfg)
+    x_next = project(xk + step_size * ascent_direction(g, cfg.norm), x, cfg)
     return x_next, tr
 
   _, tr = lax.fori_loop(0, steps + 1, body, (x0, tr))
@@ -334,7 +334,7 @@ def _apgd_restart(cfg, evaluate, x, y, target, key, tr):
     is_ckpt[cur] = True
     window[cur] = cur - prev
 
-  x0 = _random_start(key, x, cfg)
+  x0 = random_start(key, x, cfg)
   logits0, f0, g0 = evaluate(x0)
   tr = _track_update(tr, x0, logits0, f0, y, target)
   eta0 = jnp.full(x.shape[:1], 2.0 * cfg.epsilon, x.dtype)
@@ -349,7 +349,7 @@ def _apgd_restart(cfg, evaluate, x, y, target, key, tr):
     k, ckpt, win = xs
     eta = _bcast(c["eta"], x)
     x_cur = c["x_cur"]
-    z = project(x_cur + eta * _ascent_direction(c["g_cur"], cfg.norm), x, cfg)
+    z = project(x_cur + eta * ascent_direction(c["g_cur"], cfg.norm), x, cfg)
     a = _APGD_MOMENTUM
     x_mom = project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - c["x_prev"]), x, cfg)
     x_new = jnp.where(k == 0, z, x_mom)

@@ -44,7 +44,6 @@ from advmaml.maml import Learner
 ATTACK_NAMES = ("pgd", "margin", "apgd", "fgsm")
 TARGETS = ("query", "support", "both")
 NORMS = ("linf", "l2")
-_TINY = 1e-12
 
 
 # ----------------------------------------------------------------------------
@@ -128,32 +127,6 @@ class _PoisonTrack(NamedTuple):
   correct: jax.Array  # (Q,) bool, AND over every evaluated support set
 
 
-def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
-  """(B,) -> (B, 1, ..., 1) to broadcast against ``like``."""
-  return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
-
-
-def _random_start(key: jax.Array, x: jax.Array, cfg: AttackConfig) -> jax.Array:
-  """Uniform point in the Linf ball, or uniform direction and radius in the L2 ball."""
-  if not cfg.random_start:
-    return x
-  if cfg.norm == "linf":
-    delta = jax.random.uniform(key, x.shape, x.dtype, -cfg.epsilon, cfg.epsilon)
-  else:
-    k_dir, k_rad = jax.random.split(key)
-    d = jax.random.normal(k_dir, x.shape, x.dtype)
-    d = d / _bcast(jnp.maximum(attacks.perturbation_norm(d, "l2"), _TINY), d)
-    delta = d * _bcast(jax.random.uniform(k_rad, x.shape[:1], x.dtype) * cfg.epsilon, d)
-  return attacks.project(x + delta, x, cfg)
-
-
-def _ascent_direction(g: jax.Array, norm: str) -> jax.Array:
-  """Unit steepest-ascent direction per support image: sign (Linf) or g/||g|| (L2)."""
-  if norm == "linf":
-    return jnp.sign(g)
-  return g / _bcast(jnp.maximum(attacks.perturbation_norm(g, "l2"), _TINY), g)
-
-
 def poison_support(learner: Learner, meta_params: dict, episode: Episode, key: jax.Array, *,
                    inner_steps: int, cfgs: Sequence[AttackConfig]) -> PoisonResult:
   """PGD on the support images through the adaptation (one episode, no task axis).
@@ -203,7 +176,7 @@ def poison_support(learner: Learner, meta_params: dict, episode: Episode, key: j
 
     def one_restart(r, tr, cfg=cfg, k_attack=k_attack, steps=steps, step_size=step_size,
                     grad_fn=grad_fn):
-      s0 = _random_start(jax.random.fold_in(k_attack, r), sx, cfg)
+      s0 = attacks.random_start(jax.random.fold_in(k_attack, r), sx, cfg)
 
       # Evaluates s_0..s_steps (the last update is discarded), as attacks.pgd
       # does, so k steps are a prefix of 2k steps at a fixed step size.
@@ -211,7 +184,7 @@ def poison_support(learner: Learner, meta_params: dict, episode: Episode, key: j
         s, tr = carry
         (_, logits), g = grad_fn(s)
         tr = record(tr, s, logits)
-        s = attacks.project(s + step_size * _ascent_direction(g, cfg.norm), sx, cfg)
+        s = attacks.project(s + step_size * attacks.ascent_direction(g, cfg.norm), sx, cfg)
         return s, tr
 
       return lax.fori_loop(0, steps + 1, body, (s0, tr))[1]

@@ -58,26 +58,11 @@ def mean_kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
   return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1).mean()
 
 
-def _ascent_direction(g: jax.Array, norm: str) -> jax.Array:
-  """Unit steepest-ascent direction per example: sign(g) (Linf), g/||g||_2 (L2)."""
-  if norm == "linf":
-    return jnp.sign(g)
-  n = attacks.perturbation_norm(g, "l2").reshape((-1,) + (1,) * (g.ndim - 1))
-  return g / jnp.maximum(n, 1e-12)
-
-
 def _kl_start(key: jax.Array, x: jax.Array, cfg: attacks.AttackConfig) -> jax.Array:
   """Uniform point of the eps-ball (random_start), else TRADES' x + 0.001 * N(0, 1)."""
   if not cfg.random_start:
     return attacks.project(x + _TRADES_INIT_STD * jax.random.normal(key, x.shape, x.dtype), x, cfg)
-  if cfg.norm == "linf":
-    delta = jax.random.uniform(key, x.shape, x.dtype, -cfg.epsilon, cfg.epsilon)
-  else:
-    k_dir, k_rad = jax.random.split(key)
-    d = _ascent_direction(jax.random.normal(k_dir, x.shape, x.dtype), "l2")
-    radius = jax.random.uniform(k_rad, x.shape[:1], x.dtype) * cfg.epsilon
-    delta = d * radius.reshape((-1,) + (1,) * (x.ndim - 1))
-  return attacks.project(x + delta, x, cfg)
+  return attacks.random_start(key, x, cfg)
 
 
 def kl_attack(cfg: attacks.AttackConfig, logits_fn, params, x: jax.Array,
@@ -111,7 +96,7 @@ def kl_attack(cfg: attacks.AttackConfig, logits_fn, params, x: jax.Array,
   step_size = cfg.resolved_step_size()
 
   def step(_, xa):
-    return attacks.project(xa + step_size * _ascent_direction(grad_fn(xa), cfg.norm), x, cfg)
+    return attacks.project(xa + step_size * attacks.ascent_direction(grad_fn(xa), cfg.norm), x, cfg)
 
   steps = 1 if cfg.name == "fgsm" else cfg.steps
   x_adv = lax.fori_loop(0, steps, step, _kl_start(key, x, cfg))

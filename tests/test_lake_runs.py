@@ -9,7 +9,6 @@ import subprocess
 import sys
 import zipfile
 
-import jax
 import numpy as np
 import pytest
 

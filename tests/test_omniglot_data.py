@@ -16,7 +16,7 @@ from PIL import Image
 from advmaml.data import omniglot
 from advmaml.data.omniglot import DataError, load_omniglot
 
-from fake_omniglot import CHARS, SRC, ink_mask, png_bytes, write_zips  # noqa: E402
+from fake_omniglot import ink_mask, png_bytes, write_zips  # noqa: E402
 
 
 @pytest.fixture

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
 import chex
 import jax
 import numpy as np
-import optax
 import pytest
 
 from advmaml import checkpoint

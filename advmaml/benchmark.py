@@ -1,0 +1,173 @@
+"""Inner-loop and meta-step benchmarks: the library's real steps on synthetic data.
+
+Each workload builds the same jitted meta-train step ``experiments.train``
+uses (``make_train_step``) or the same evaluation call (``_evaluate_batch``),
+on a synthetic uint8 class pool, and reports:
+
+* compile time (lower + compile, excluded from throughput);
+* throughput over ``repeats`` timed runs of at least ``min_steps`` steps or
+  ``min_seconds`` seconds each: median, min and max;
+* FLOPs per step from XLA's cost analysis of the compiled program, next to an
+  analytic count of the network's forward pass (XLA counts a loop body once, so
+  for loops with more than one trip the analytic figure is the one to trust);
+* achieved GFLOP/s and the fraction of the machine's float32 matmul peak,
+  measured by ``matmul_peak``;
+* peak memory: the device's allocator peak where it reports one (GPU), else the
+  compiled program's argument + output + temporary bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import platform
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from advmaml.config import Config, preset
+from advmaml.evaluation import _evaluate_batch, clean_accuracy
+from advmaml.meta_step import init_train_state, make_train_step
+from advmaml.objectives import get_objective
+from advmaml.training import build_experiment
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  name: str
+  description: str
+  overrides: dict
+  kind: str = "train"      # "train": meta-steps/s; "adapt": tasks/s of test-time adaptation
+  q_query: int = 5
+
+
+def _workloads() -> dict[str, Workload]:
+  base = dict(n_way=5, k_shot=1, inner_lr=0.4, outer_lr=1e-3, first_order=False)
+  out = {}
+  for variant, suffix, filters in (("maxpool", "", 64), ("strided", "-strided", 64)):
+    net = dict(base, model=variant, filters=filters)
+    out[f"B1{suffix}"] = Workload(f"B1{suffix}", f"5-way 1-shot, 5 queries/class, meta-batch 8, 1 step, {variant}",
+                                  dict(net, meta_batch_size=8, inner_steps=1), q_query=5)
+    out[f"B2{suffix}"] = Workload(f"B2{suffix}", f"5-way 1-shot, 15 queries/class, meta-batch 32, 1 step, {variant}",
+                                  dict(net, meta_batch_size=32, inner_steps=1), q_query=15)
+    out[f"B3{suffix}"] = Workload(f"B3{suffix}", f"B1 + adversarial querying, PGD-7 Linf eps 0.1 step 0.025, {variant}",
+                                  dict(net, meta_batch_size=8, inner_steps=1, objective="aq",
+                                       train_attack="pgd", train_epsilon=0.1, train_attack_steps=7,
+                                       train_step_size=0.025, train_random_start=True), q_query=5)
+    out[f"B4{suffix}"] = Workload(f"B4{suffix}", f"test-time adaptation: 32 tasks, 10 steps, 15 queries/class, {variant}",
+                                  dict(net, meta_batch_size=32, eval_inner_steps=10), kind="adapt", q_query=15)
+  return out
+
+
+WORKLOADS = _workloads()
+
+
+def conv4_forward_flops(cfg: Config, image_shape=(28, 28, 1)) -> int:
+  """Analytic multiply-add FLOPs (x2) of one image through Conv4's convs and head."""
+  h, w, c = image_shape
+  flops = 0
+  for _ in range(4):
+    stride = 2 if cfg.model == "strided" else 1
+    h, w = -(-h // stride), -(-w // stride)
+    flops += 2 * h * w * 9 * c * cfg.filters
+    c = cfg.filters
+    if cfg.model == "maxpool":
+      h, w = h // 2, w // 2
+  return flops + 2 * h * w * c * cfg.n_way
+
+
+def matmul_peak(size: int = 2048, repeats: int = 5, seconds: float = 1.0) -> dict:
+  """Measured float32 matmul throughput (GFLOP/s) of the default device: median of repeats."""
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  rates = []
+  for _ in range(repeats):
+    n, t0 = 0, time.perf_counter()
+    while True:
+      f(a, b).block_until_ready()
+      n += 1
+      if time.perf_counter() - t0 >= seconds:
+        break
+    rates.append(2 * size ** 3 * n / (time.perf_counter() - t0) / 1e9)
+  return {"gflops_median": statistics.median(rates), "gflops_min": min(rates),
+          "gflops_max": max(rates), "size": size}
+
+
+def _build(work: Workload, pool) -> tuple[Callable, tuple, Config]:
+  """(jitted fn, its args, config); fn(*args) returns (new first arg, outputs)."""
+  cfg = preset("omniglot_5w1s").replace(**work.overrides)
+  exp = build_experiment(cfg, (28, 28, 1))
+  meta = exp.learner.init_meta_params(exp.model.init(jax.random.key(0)))
+  key = jax.random.key(1)
+  if work.kind == "train":
+    step = make_train_step(exp.learner, get_objective(cfg), exp.optimizer,
+                           meta_batch_size=cfg.meta_batch_size, n_way=cfg.n_way,
+                           k_shot=cfg.k_shot, q_query=work.q_query)
+    return step, (init_train_state(meta, exp.optimizer), pool, key), cfg
+  metric = functools.partial(clean_accuracy, inner_steps=cfg.eval_inner_steps)
+  fn = jax.jit(lambda m, p, k: (m, _evaluate_batch(
+      m, p, k, 0, learner=exp.learner, metric_fn=metric, n_way=cfg.n_way, k_shot=cfg.k_shot,
+      q_query=work.q_query, batch_tasks=cfg.meta_batch_size)))
+  return fn, (meta, pool, key), cfg
+
+
+def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
+                 min_seconds: float = 30.0, peak_gflops: float | None = None) -> dict:
+  """Compiles and times one workload; returns a JSON-ready dict."""
+  rng = np.random.default_rng(0)
+  pool = jnp.asarray(rng.integers(0, 256, (64, 20, 28, 28), dtype=np.uint8))
+  fn, args, cfg = _build(work, pool)
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis() or {}
+  if isinstance(cost, list):  # older JAX returned one dict per device
+    cost = cost[0] if cost else {}
+  mem = compiled.memory_analysis()
+
+  state, rest = args[0], args[1:]
+  state, out = fn(state, *rest)  # first call: warm-up, off the clock
+  jax.block_until_ready(out)
+  rates = []
+  for _ in range(repeats):
+    n, t0 = 0, time.perf_counter()
+    while n < min_steps or time.perf_counter() - t0 < min_seconds:
+      state, out = fn(state, *rest)
+      n += 1
+    jax.block_until_ready((state, out))
+    rates.append(n / (time.perf_counter() - t0))
+  unit_per_step = cfg.meta_batch_size if work.kind == "adapt" else 1
+  images = cfg.meta_batch_size * cfg.n_way * (cfg.k_shot + work.q_query)
+  flops = float(cost.get("flops", float("nan")))
+  median = statistics.median(rates)
+  stats = jax.devices()[0].memory_stats() or {}
+  result = {
+      "workload": work.name, "description": work.description,
+      "unit": "tasks/s" if work.kind == "adapt" else "meta-steps/s",
+      "throughput_median": median * unit_per_step,
+      "throughput_min": min(rates) * unit_per_step, "throughput_max": max(rates) * unit_per_step,
+      "compile_s": compile_s, "repeats": repeats,
+      "flops_per_step_xla": flops,
+      "forward_flops_per_image_analytic": conv4_forward_flops(cfg),
+      "images_per_step": images,
+      "gflops_achieved": flops * median / 1e9,
+      "peak_bytes": int(stats.get("peak_bytes_in_use", 0)) or int(
+          mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes),
+      "peak_bytes_source": "allocator" if "peak_bytes_in_use" in stats else "compiled program",
+  }
+  if peak_gflops:
+    result["fraction_of_matmul_peak"] = result["gflops_achieved"] / peak_gflops
+  return result
+
+
+def machine_info() -> dict:
+  dev = jax.devices()[0]
+  return {"platform": dev.platform, "device": dev.device_kind, "device_count": jax.device_count(),
+          "cpu_count": __import__("os").cpu_count(), "machine": platform.machine(),
+          "jax": jax.__version__}
