@@ -3,9 +3,10 @@ PYTHON ?= python3
 WORKDIR ?= runs/omniglot_5w1s
 PRESET ?= omniglot_5w1s
 DATA_DIR ?=
+BENCH_OUT ?= results/benchmarks/latest.json
 DATA_FLAG := $(if $(DATA_DIR),--data_dir=$(DATA_DIR),)
 
-.PHONY: install test train evaluate
+.PHONY: install test train evaluate bench
 
 install:
 	$(PYTHON) -m pip install -e '.[test]'
@@ -20,3 +21,6 @@ train:
 
 evaluate:
 	$(PYTHON) -m experiments.evaluate --workdir=$(WORKDIR)
+
+bench:
+	$(PYTHON) -m experiments.benchmark --all --output=$(BENCH_OUT)

@@ -5,8 +5,8 @@ uses (``make_train_step``) or the same evaluation call (``_evaluate_batch``),
 on a synthetic uint8 class pool, and reports:
 
 * compile time (lower + compile, excluded from throughput);
-* throughput over ``repeats`` timed runs of at least ``min_steps`` steps or
-  ``min_seconds`` seconds each: median, min and max;
+* throughput over ``repeats`` timed runs of ``min_steps`` steps or
+  ``min_seconds`` seconds each, whichever comes first: median, min and max;
 * FLOPs per step from XLA's cost analysis of the compiled program, next to an
   analytic count of the network's forward pass (XLA counts a loop body once, so
   for loops with more than one trip the analytic figure is the one to trust);
@@ -137,10 +137,12 @@ def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
   rates = []
   for _ in range(repeats):
     n, t0 = 0, time.perf_counter()
-    while n < min_steps or time.perf_counter() - t0 < min_seconds:
+    # min_steps steps or min_seconds, whichever comes first, but never fewer than 3 steps.
+    while n < 3 or (n < min_steps and time.perf_counter() - t0 < min_seconds):
       state, out = fn(state, *rest)
       n += 1
-    jax.block_until_ready((state, out))
+      jax.block_until_ready(out)
+    jax.block_until_ready(state)
     rates.append(n / (time.perf_counter() - t0))
   unit_per_step = cfg.meta_batch_size if work.kind == "adapt" else 1
   images = cfg.meta_batch_size * cfg.n_way * (cfg.k_shot + work.q_query)

@@ -1,0 +1,62 @@
+r"""Benchmark the library's meta-train and adaptation steps on synthetic data.
+
+  python -m experiments.benchmark --config=B1          # one workload
+  python -m experiments.benchmark --all                # B1..B4, max-pool and strided Conv4
+  python -m experiments.benchmark --all --output=results/benchmarks/cpu-2core.json
+
+Prints one line per workload and writes JSON with the machine, the measured
+float32 matmul peak and, per workload, median/min/max throughput, compile
+time, FLOPs per step, achieved GFLOP/s, fraction of peak and peak memory.
+"""
+
+import json
+import pathlib
+
+from absl import app, flags, logging
+
+from advmaml import benchmark
+from advmaml.trained_runs import write_json
+
+CONFIG = flags.DEFINE_list("config", [], f"Workloads to run, from {sorted(benchmark.WORKLOADS)}.")
+ALL = flags.DEFINE_bool("all", False, "Run every workload.")
+REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per workload.")
+MIN_STEPS = flags.DEFINE_integer("min_steps", 20, "Steps per repetition (or --min_seconds, whichever first).")
+MIN_SECONDS = flags.DEFINE_float("min_seconds", 30.0, "Seconds per repetition (or --min_steps, whichever first).")
+OUTPUT = flags.DEFINE_string("output", None, "JSON output path (default: print only).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  names = sorted(benchmark.WORKLOADS) if ALL.value else CONFIG.value
+  unknown = [n for n in names if n not in benchmark.WORKLOADS]
+  if unknown or not names:
+    raise app.UsageError(f"--config: unknown or empty {unknown or names}; choose from "
+                         f"{sorted(benchmark.WORKLOADS)} or pass --all")
+  if REPEATS.value < 1 or MIN_STEPS.value < 1 or MIN_SECONDS.value <= 0:
+    raise app.UsageError("--repeats, --min_steps and --min_seconds must be positive")
+  peak = benchmark.matmul_peak()
+  logging.info("float32 matmul peak: %.1f GFLOP/s (median; %.1f-%.1f)", peak["gflops_median"],
+               peak["gflops_min"], peak["gflops_max"])
+  results = []
+  for name in names:
+    r = benchmark.run_workload(benchmark.WORKLOADS[name], repeats=REPEATS.value,
+                               min_steps=MIN_STEPS.value, min_seconds=MIN_SECONDS.value,
+                               peak_gflops=peak["gflops_median"])
+    results.append(r)
+    print(f"{name:<12} {r['throughput_median']:8.2f} {r['unit']:<12} "
+          f"[{r['throughput_min']:.2f}-{r['throughput_max']:.2f}]  compile {r['compile_s']:5.1f}s  "
+          f"{r['gflops_achieved']:6.1f} GFLOP/s ({100 * r['fraction_of_matmul_peak']:.0f}% of peak)  "
+          f"mem {r['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+  record = {"machine": benchmark.machine_info(), "matmul_peak": peak, "workloads": results,
+            "settings": {"repeats": REPEATS.value, "min_steps": MIN_STEPS.value,
+                         "min_seconds": MIN_SECONDS.value}}
+  if OUTPUT.value:
+    write_json(pathlib.Path(OUTPUT.value), record)
+    logging.info("written to %s", OUTPUT.value)
+  else:
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
