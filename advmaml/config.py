@@ -43,12 +43,14 @@ class Config:
   first_order: bool = False
   meta_sgd: bool = False
   anil: bool = False
+  remat: bool = False               # rematerialise inner steps: less memory, more compute
   # Outer loop.
   objective: str = "natural"
   meta_batch_size: int = 32
   outer_lr: float = 1e-3
   num_steps: int = 60000
   seed: int = 0
+  num_devices: int = 0              # devices the meta-batch is split over (0: all)
   # Training-time attack of the robust objectives "aq", "adml", "rmaml", "adv_support"
   # (advmaml/robust_objectives.py).
   train_attack: str = "pgd"         # "fgsm", "pgd" or "apgd" (rmaml: fgsm/pgd only)
@@ -148,7 +150,7 @@ def validate(cfg: Config) -> None:
             "keep_checkpoints", "test_episodes", "eval_batch_tasks", "val_episodes")
   if cfg.n_way < 2:
     raise ConfigError(f"--n_way={cfg.n_way}: a few-shot task needs at least 2 classes")
-  for name in ("inner_steps", "eval_inner_steps", "eval_every"):
+  for name in ("inner_steps", "eval_inner_steps", "eval_every", "num_devices"):
     if getattr(cfg, name) < 0:
       raise ConfigError(f"--{name}={getattr(cfg, name)} must be >= 0")
   if cfg.inner_lr < 0:

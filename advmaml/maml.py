@@ -10,6 +10,7 @@ meta-parameters are a plain dict::
 default ``jax.grad`` differentiates through them (second-order MAML); with
 ``first_order=True`` the inner gradients are held constant (FOMAML). With
 ``anil=True`` only the head is adapted (Raghu et al. 2020), the body is shared.
+``remat=True`` wraps each inner step in ``jax.checkpoint``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Learner:
   meta_sgd: bool = False
   anil: bool = False
   head_names: tuple[str, ...] = ("head",)
+  remat: bool = False    # recompute each inner step's activations in the backward pass
 
   # -- meta-parameters -------------------------------------------------------
   def init_meta_params(self, model_params: Params) -> dict:
@@ -95,5 +97,8 @@ class Learner:
         fast = jax.tree.map(lambda p, g, lr: p - lr * g, fast, grads, lrs)
       return fast, None
 
-    adapted, _ = lax.scan(sgd_step, adapted, None, length=steps)
+    # With remat, second-order memory stays flat in the number of inner steps
+    # (only each step's fast weights are kept) at the cost of a second forward.
+    body = jax.checkpoint(sgd_step) if self.remat else sgd_step
+    adapted, _ = lax.scan(body, adapted, None, length=steps)
     return {**frozen, **adapted}

@@ -16,6 +16,7 @@ import optax
 from advmaml.data.episodes import sample_episodes
 from advmaml.maml import Learner
 from advmaml.objectives import Objective
+from advmaml.sharding import shard_tasks
 
 
 class TrainState(NamedTuple):
@@ -39,18 +40,22 @@ def meta_loss(learner: Learner, objective: Objective, meta_params: dict, tasks, 
 
 def make_train_step(learner: Learner, objective: Objective,
                     optimizer: optax.GradientTransformation, *, meta_batch_size: int,
-                    n_way: int, k_shot: int, q_query: int, jit: bool = True) -> Callable:
+                    n_way: int, k_shot: int, q_query: int, jit: bool = True,
+                    mesh=None) -> Callable:
   """Returns ``train_step(state, pool, key) -> (state, metrics)``.
 
   pool: (num_classes, num_examples, H, W[, C]) uint8 class pool on the device.
   key: the run's base key; the step's key is ``fold_in(key, state.step)``, so a
   resumed run draws exactly the tasks an uninterrupted one would.
+  mesh: optional ``jax.sharding.Mesh`` with a "tasks" axis: the sampled tasks
+  are split over its devices (state and pool should be replicated on it).
   """
 
   def train_step(state: TrainState, pool: jax.Array, key: jax.Array):
     step_key = jax.random.fold_in(key, state.step)
     task_key, objective_key = jax.random.split(step_key)
-    tasks = sample_episodes(pool, task_key, meta_batch_size, n_way, k_shot, q_query)
+    tasks = shard_tasks(sample_episodes(pool, task_key, meta_batch_size, n_way, k_shot, q_query),
+                        mesh)
     grad_fn = jax.value_and_grad(
         lambda mp: meta_loss(learner, objective, mp, tasks, objective_key), has_aux=True)
     (loss, metrics), grads = grad_fn(state.meta_params)

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from advmaml import checkpoint
+from advmaml import checkpoint, sharding
 from advmaml.config import Config, ConfigError, validate, validate_against_data
 from advmaml.data.sources import load_class_splits
 from advmaml.evaluation import evaluate_episodes
@@ -37,7 +37,7 @@ from advmaml.objectives import get_objective
 # Settings that may change when a run is resumed: they do not change the math.
 RESUMABLE_CHANGES = ("num_steps", "log_every", "eval_every", "val_episodes", "checkpoint_every",
                      "keep_checkpoints", "test_episodes", "eval_batch_tasks", "data_dir",
-                     "tfds_data_dir")
+                     "tfds_data_dir", "remat", "num_devices")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Experiment:
 def build_experiment(cfg: Config, image_shape) -> Experiment:
   model = make_model(cfg.n_way, image_shape, cfg.filters, cfg.model, cfg.conv_impl)
   learner = Learner(model.apply, cfg.inner_steps, cfg.inner_lr, cfg.first_order,
-                    cfg.meta_sgd, cfg.anil, model.head_names)
+                    cfg.meta_sgd, cfg.anil, model.head_names, cfg.remat)
   return Experiment(cfg, model, learner, optax.adam(cfg.outer_lr))
 
 
@@ -153,6 +153,10 @@ def train(cfg: Config, workdir: str | os.PathLike) -> dict:
                              split_seed=cfg.split_seed, rotate=cfg.rotate,
                              image_size=cfg.image_size, tfds_data_dir=cfg.tfds_data_dir)
   validate_against_data(cfg, {name: s.images for name, s in splits.items()})
+  try:
+    sharding.check_divisible(cfg.meta_batch_size, sharding.make_mesh(cfg.num_devices))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   check_or_write_config(workdir, cfg)
 
   exp = build_experiment(cfg, image_shape_of(splits["train"].images))
@@ -168,11 +172,15 @@ def train(cfg: Config, workdir: str | os.PathLike) -> dict:
   truncate_metrics(metrics_path, step)
 
   _, train_key, val_key = run_keys(cfg.seed)
-  train_pool = jax.device_put(splits["train"].images)
+  mesh = sharding.make_mesh(cfg.num_devices)
+  state = sharding.replicate(state, mesh)
+  train_pool = sharding.replicate(splits["train"].images, mesh)
   val_pool = jax.device_put(splits["val"].images)
   train_step = make_train_step(exp.learner, get_objective(cfg), exp.optimizer,
                                meta_batch_size=cfg.meta_batch_size, n_way=cfg.n_way,
-                               k_shot=cfg.k_shot, q_query=cfg.q_query)
+                               k_shot=cfg.k_shot, q_query=cfg.q_query, mesh=mesh)
+  logging.info("Meta-batch of %d tasks split over %d %s device(s)", cfg.meta_batch_size,
+               mesh.devices.size, mesh.devices.flat[0].platform)
 
   pending, last = [], {}
   start_step, t_start = step, time.time()

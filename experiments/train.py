@@ -6,6 +6,7 @@ r"""Meta-train a few-shot learner.
 Running again with the same --workdir resumes from its newest checkpoint.
 """
 
+import jax
 from absl import app, flags, logging
 
 from advmaml.config import ConfigError
@@ -15,12 +16,23 @@ from experiments import config_flags
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Folder for config, metrics and checkpoints.",
                               required=True)
+COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-host: host:port of process 0; with --num_processes and "
+    "--process_id calls jax.distributed.initialize (on TPU pods and SLURM, the flag "
+    "--distributed alone lets JAX find them).")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with "
+                                "settings detected from the cluster environment.")
 config_flags.define_config_flags()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if COORDINATOR.value or DISTRIBUTED.value:
+    jax.distributed.initialize(coordinator_address=COORDINATOR.value,
+                               num_processes=NUM_PROCESSES.value, process_id=PROCESS_ID.value)
   try:
     cfg = config_flags.config_from_flags()
     logging.info("Config:\n%s", cfg.to_json())

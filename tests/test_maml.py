@@ -143,3 +143,14 @@ def test_meta_sgd_adds_per_parameter_learning_rates():
   meta = learner.init_meta_params(model.init(jax.random.key(0)))
   chex.assert_trees_all_equal_shapes(meta["inner_lr"], meta["model"])
   assert all(float(x.min()) == 0.25 == float(x.max()) for x in jax.tree.leaves(meta["inner_lr"]))
+
+
+def test_remat_gives_the_same_meta_gradient():
+  model = tiny_model()
+  task = tiny_task(jax.random.key(1))
+  grads = []
+  for remat in (False, True):
+    learner = Learner(model.apply, inner_steps=3, inner_lr=0.3, remat=remat)
+    meta = learner.init_meta_params(model.init(jax.random.key(0)))
+    grads.append(jax.jit(jax.grad(lambda m: outer_loss(learner, m, task)))(meta))
+  chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
