@@ -66,6 +66,15 @@ def _workloads() -> dict[str, Workload]:
 WORKLOADS = _workloads()
 
 
+def with_overrides(work: Workload, overrides: dict) -> Workload:
+  """The workload with config fields replaced (e.g. conv_impl, remat, inner_steps)."""
+  if work.kind == "adapt" and "inner_steps" in overrides:
+    overrides = {**overrides, "eval_inner_steps": overrides["inner_steps"]}
+  suffix = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+  return dataclasses.replace(work, name=f"{work.name}[{suffix}]",
+                             overrides={**work.overrides, **overrides})
+
+
 def conv4_forward_flops(cfg: Config, image_shape=(28, 28, 1)) -> int:
   """Analytic multiply-add FLOPs (x2) of one image through Conv4's convs and head."""
   h, w, c = image_shape
@@ -165,6 +174,9 @@ def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
   }
   if peak_gflops:
     result["fraction_of_matmul_peak"] = result["gflops_achieved"] / peak_gflops
+  result["config"] = {k: v for k, v in dataclasses.asdict(cfg).items()
+                      if k in ("model", "filters", "conv_impl", "remat", "inner_steps",
+                               "eval_inner_steps", "meta_batch_size", "objective")}
   return result
 
 

@@ -23,6 +23,10 @@ REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per workload.")
 MIN_STEPS = flags.DEFINE_integer("min_steps", 20, "Steps per repetition (or --min_seconds, whichever first).")
 MIN_SECONDS = flags.DEFINE_float("min_seconds", 30.0, "Seconds per repetition (or --min_steps, whichever first).")
 OUTPUT = flags.DEFINE_string("output", None, "JSON output path (default: print only).")
+CONV_IMPL = flags.DEFINE_enum("conv_impl", None, ["im2col", "xla"],
+                              "Override the workloads' convolution implementation (default im2col).")
+REMAT = flags.DEFINE_bool("remat", None, "Override the workloads' inner-loop rematerialisation.")
+INNER_STEPS = flags.DEFINE_integer("inner_steps", None, "Override the workloads' inner steps.")
 
 
 def main(argv):
@@ -38,9 +42,14 @@ def main(argv):
   peak = benchmark.matmul_peak()
   logging.info("float32 matmul peak: %.1f GFLOP/s (median; %.1f-%.1f)", peak["gflops_median"],
                peak["gflops_min"], peak["gflops_max"])
+  overrides = {k: v for k, v in (("conv_impl", CONV_IMPL.value), ("remat", REMAT.value),
+                                    ("inner_steps", INNER_STEPS.value)) if v is not None}
   results = []
   for name in names:
-    r = benchmark.run_workload(benchmark.WORKLOADS[name], repeats=REPEATS.value,
+    work = benchmark.WORKLOADS[name]
+    if overrides:
+      work = benchmark.with_overrides(work, overrides)
+    r = benchmark.run_workload(work, repeats=REPEATS.value,
                                min_steps=MIN_STEPS.value, min_seconds=MIN_SECONDS.value,
                                peak_gflops=peak["gflops_median"])
     results.append(r)
@@ -50,7 +59,7 @@ def main(argv):
           f"mem {r['peak_bytes'] / 2**20:.0f} MiB", flush=True)
   record = {"machine": benchmark.machine_info(), "matmul_peak": peak, "workloads": results,
             "settings": {"repeats": REPEATS.value, "min_steps": MIN_STEPS.value,
-                         "min_seconds": MIN_SECONDS.value}}
+                         "min_seconds": MIN_SECONDS.value, "overrides": overrides}}
   if OUTPUT.value:
     write_json(pathlib.Path(OUTPUT.value), record)
     logging.info("written to %s", OUTPUT.value)
