@@ -62,7 +62,7 @@ def _install_hint() -> str:
 
 
 def _prepare_hint(name: str, root: str) -> str:
-  return (f"Prepare it on a machine with TensorFlow (pip install tensorflow): "
+  return (f"Prepare it on a machine with TensorFlow (pip install 'advmaml[tfds-prepare]' or pip install tensorflow): "
           f"`tfds build {name} --file_format=array_record --data_dir={root}`, or run with "
           "download enabled there; then point --tfds_data_dir (or --data_dir, or "
           f"${DATA_DIR_ENV}) at that folder.")
