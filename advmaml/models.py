@@ -151,6 +151,7 @@ def make_model(num_classes: int, image_shape: Sequence[int], filters: int = 64,
   module = Conv4(num_classes, filters, variant, conv_impl)
   dummy = jnp.zeros((2, *image_shape), jnp.float32)
 
+  @jax.jit  # eager flax init dispatches op by op: seconds for Conv4 on a CPU
   def init(key):
     return module.init(key, dummy)["params"]
 

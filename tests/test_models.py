@@ -50,7 +50,7 @@ def test_conv4_shapes(variant, size, feature_shape):
   model = make_model(5, (size, size, 1), filters=filters, variant=variant)
   params = model.init(jax.random.key(0))
   assert params["head"]["kernel"].shape == (feature_shape[0] * feature_shape[1] * filters, 5)
-  assert model.apply(params, jnp.zeros((7, size, size, 1))).shape == (7, 5)
+  assert jax.jit(model.apply)(params, jnp.zeros((7, size, size, 1))).shape == (7, 5)
 
 
 def test_batch_norm_uses_batch_statistics():
