@@ -10,14 +10,9 @@ Design notes:
 
 * Everything is converted to numpy before pickling (``jax.device_get``)
   because pickles of ``jax.Array`` break across JAX versions.
-* The unpickler resolves only a handful of globals, each mapped to a checking
-  stand-in defined here (nothing is imported by name), and refuses every other
-  global before it can be called.
-* Even numpy's own globals are unsafe when used naively: ``dtype.__setstate__``
-  accepts a state that marks a float64 dtype as holding Python objects, after
-  which numpy treats the array's raw bytes as object pointers.  So dtypes and
-  arrays are rebuilt by proxies that take only the byte order from the pickled
-  dtype state and build arrays from dtypes that were already checked.
+* Loading goes through `advmaml.safe_pickle`, which resolves only checking
+  stand-ins for a few numpy globals and refuses every other global before it
+  can be called; the same allowed-types walk checks trees before saving.
 * A step folder appears atomically: files are written and fsynced in a
   ``.tmp-*`` folder that is then renamed to ``<step>``.  Folders are deleted by
   first renaming them to ``.tmp-*`` as well, so a crash never leaves a
@@ -27,9 +22,7 @@ Design notes:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import math
 import os
 import pathlib
 import pickle
@@ -43,10 +36,7 @@ from absl import logging
 import jax
 import numpy as np
 
-try:  # ml_dtypes ships with jax; it provides bfloat16 and the float8 types.
-  import ml_dtypes
-except ImportError:  # pragma: no cover - jax always installs it.
-  ml_dtypes = None
+from advmaml import safe_pickle
 
 __all__ = [
     "CheckpointError",
@@ -66,87 +56,18 @@ _STEP_RE = re.compile(r"[0-9]+")
 # Protocol 4 keeps array bytes in-band (protocol 5 may use out-of-band buffers).
 _PICKLE_PROTOCOL = 4
 
-# ml_dtypes scalar types (bfloat16, float8_*, int4, ...) count as numeric.
-_ML_DTYPES = {
-    name: obj
-    for name in (dir(ml_dtypes) if ml_dtypes is not None else ())
-    if isinstance(obj := getattr(ml_dtypes, name), type)
-    and issubclass(obj, np.generic)
-}
-_ML_DTYPE_TYPES = frozenset(_ML_DTYPES.values())
-_NUMERIC_KINDS = frozenset("biufc")
-# Descriptor flags that mean "items are Python objects / need the C-API":
-# NPY_ITEM_REFCOUNT, LIST_PICKLE, ITEM_IS_POINTER, NEEDS_INIT, NEEDS_PYAPI,
-# USE_GETITEM.  No numeric dtype sets any of them.
-_OBJECT_FLAGS = 0x3F
+# What a checkpoint may hold: plain containers with str keys, Python scalars
+# and numeric (incl. complex and ml_dtypes) numpy arrays; never bytes.
+_RULES = safe_pickle.Rules(
+    refused_global=("checkpoints may only contain plain containers, Python "
+                    "scalars and numeric numpy arrays"),
+    refused_type=("convert to plain containers (dict with str keys, list, "
+                  "tuple), Python scalars, None or numeric numpy arrays"),
+    kinds="biufc", ml_dtypes=True, writable=True)
 
 
 class CheckpointError(Exception):
   """A checkpoint cannot be used; the message names file, problem and fix."""
-
-
-# ---------------------------------------------------------------------------
-# Allowed-types walk (shared by save and load).
-# ---------------------------------------------------------------------------
-
-
-def _dtype_problem(dtype: np.dtype) -> str | None:
-  """Returns why `dtype` may not be stored, or None if it is numeric/bool."""
-  if dtype.fields is not None or dtype.subdtype is not None or dtype.hasobject:
-    return f"dtype {dtype} is structured or holds objects"
-  if dtype.kind in _NUMERIC_KINDS or dtype.type in _ML_DTYPE_TYPES:
-    return None
-  return f"dtype {dtype} is not numeric or bool"
-
-
-def _key_path(path: str, key: Any) -> str:
-  return f"{path}[{key!r}]"
-
-
-def _walk(tree: Any, path: str, on_error, leaf_fn, active: set[int]) -> Any:
-  """Rebuilds `tree` from allowed types only, applying `leaf_fn` to leaves.
-
-  `on_error(path, message)` must raise; `active` holds ids of containers on
-  the current path so that reference cycles are reported, not recursed into.
-  """
-  tree = leaf_fn(tree)
-  kind = type(tree)
-  if kind in (dict, list, tuple):
-    if id(tree) in active:
-      on_error(path, "contains a reference cycle")
-    active.add(id(tree))
-    try:
-      if kind is dict:
-        out = {}
-        for key, value in tree.items():
-          if type(key) is not str:
-            on_error(path, f"dict key {key!r} "
-                     f"({type(key).__name__}) is not allowed; "
-                     "use str keys")
-          out[key] = _walk(value, _key_path(path, key), on_error,
-                           leaf_fn, active)
-        return out
-      items = [_walk(v, f"{path}[{i}]", on_error, leaf_fn, active)
-               for i, v in enumerate(tree)]
-      return items if kind is list else tuple(items)
-    finally:
-      active.discard(id(tree))
-  if tree is None or kind in (bool, int, float, str):
-    return tree
-  if kind is np.ndarray or isinstance(tree, np.generic):
-    if kind is not np.ndarray and kind is not tree.dtype.type:
-      on_error(path, f"numpy scalar subclass {kind.__name__} is not "
-               "allowed")
-    problem = _dtype_problem(tree.dtype)
-    if problem:
-      what = "numpy array" if kind is np.ndarray else "numpy scalar"
-      on_error(path, f"{what} with {problem} is not allowed; only bool, "
-               "integer, float and complex dtypes can be stored")
-    return tree
-  on_error(path, f"{kind.__name__} is not allowed; convert to plain "
-           "containers (dict with str keys, list, tuple), Python scalars, "
-           "None or numeric numpy arrays")
-  raise AssertionError("on_error must raise")  # pragma: no cover
 
 
 def _to_numpy(leaf: Any) -> Any:
@@ -162,162 +83,8 @@ def _raise_type_error(path: str, message: str):
 
 def _plain_tree(tree: Any) -> Any:
   """Checks `tree` for save and returns a copy with jax arrays as numpy."""
-  return _walk(tree, "state", _raise_type_error, _to_numpy, set())
-
-
-# ---------------------------------------------------------------------------
-# Restricted unpickling.
-# ---------------------------------------------------------------------------
-
-
-class _Refused(CheckpointError):
-  """Raised inside the unpickler; `safe_loads` adds the file name."""
-
-
-def _checked_dtype(spec: Any) -> np.dtype:
-  """Builds a dtype from a pickled spec, refusing anything but numeric/bool."""
-  if not (type(spec) is str
-          or (isinstance(spec, type) and spec in _ML_DTYPE_TYPES)):
-    raise _Refused(f"refused dtype spec {spec!r}; only numeric dtypes are "
-                   "allowed")
-  try:
-    dtype = np.dtype(spec)
-  except TypeError as e:
-    raise _Refused(f"refused dtype spec {spec!r}: {e}") from None
-  problem = _dtype_problem(dtype)
-  if problem:
-    raise _Refused(f"refused {problem}; object and structured arrays can "
-                   "run code or read arbitrary memory when unpickled")
-  return dtype
-
-
-class _DtypeProxy:
-  """Stands in for ``numpy.dtype(spec, align, copy)`` during unpickling.
-
-  The pickled state is checked and only its byte order is used; the real
-  ``dtype.__setstate__`` is never called (see module docstring).
-  """
-
-  __slots__ = ("dtype",)
-
-  def __init__(self, spec: Any, align: Any = False, copy: Any = True):
-    # Unused: numeric dtypes need no alignment, and we never mutate the
-    # dtype, so sharing numpy's global instances is fine.
-    del align, copy
-    self.dtype = _checked_dtype(spec)
-
-  def __setstate__(self, state: Any) -> None:
-    # (version, byteorder, subarray, names, fields, elsize, alignment, flags
-    #  [, metadata]) -- identical layout in numpy 1.x and 2.x.
-    if not (type(state) is tuple and len(state) in (8, 9)
-            and state[0] in (3, 4) and state[1] in ("<", ">", "|", "=")
-            and state[2] is None and state[3] is None and state[4] is None
-            and type(state[7]) is int and not state[7] & _OBJECT_FLAGS
-            and (len(state) == 8 or state[8] is None)):
-      raise _Refused(
-          f"refused dtype state {state!r} for {self.dtype}; it would make "
-          "a numeric dtype structured or object-like")
-    if state[1] in "<>":
-      self.dtype = self.dtype.newbyteorder(state[1])
-
-
-def _resolve_dtype(obj: Any) -> np.dtype:
-  if type(obj) is not _DtypeProxy:
-    raise _Refused(f"expected a numpy dtype, got {type(obj).__name__}")
-  return obj.dtype
-
-
-class _NdarrayType:
-  """Inert token for the global ``numpy.ndarray`` so it cannot be called."""
-
-  __slots__ = ()
-
-
-_NDARRAY_TOKEN = _NdarrayType()
-
-
-class _ArrayProxy:
-  """Stands in for numpy's ``_reconstruct(ndarray, (0,), b'b')``.
-
-  The real array is built when the pickled state arrives; `safe_loads` then
-  swaps the proxy for it.
-  """
-
-  __slots__ = ("array",)
-
-  def __init__(self, subtype: Any, shape: Any = (0,), code: Any = b"b"):
-    del shape, code  # Placeholders in numpy's protocol; see __setstate__.
-    if subtype is not _NDARRAY_TOKEN:
-      raise _Refused("refused array subtype; only numpy.ndarray is "
-                     "allowed")
-    self.array = None
-
-  def __setstate__(self, state: Any) -> None:
-    if not (type(state) is tuple and len(state) == 5):
-      raise _Refused("refused ndarray state of type "
-                     f"{type(state).__name__}")
-    version, shape, dtype, is_fortran, data = state
-    dtype = _resolve_dtype(dtype)
-    if not (type(shape) is tuple
-            and all(type(n) is int and n >= 0 for n in shape)):
-      raise _Refused(f"refused ndarray shape {shape!r}")
-    if not isinstance(data, (bytes, bytearray)):
-      raise _Refused("refused ndarray data that is not raw bytes")
-    expected = math.prod(shape) * dtype.itemsize
-    if len(data) != expected:
-      raise ValueError(f"array data has {len(data)} bytes, expected "
-                       f"{expected}")
-    array = np.empty(0, np.uint8)
-    # Safe now: the dtype is numeric, so numpy copies plain bytes.
-    array.__setstate__((version, shape, dtype, bool(is_fortran), data))
-    self.array = array
-
-
-def _checked_scalar(dtype: Any, data: Any = None) -> np.generic:
-  """Rebuilds a numpy scalar from its dtype and raw bytes."""
-  dtype = _resolve_dtype(dtype)
-  if not isinstance(data, bytes) or len(data) != dtype.itemsize:
-    raise _Refused(f"refused {dtype} scalar data {type(data).__name__}")
-  return np.frombuffer(data, dtype)[0]
-
-
-# Every global a checkpoint may name, mapped to a local safe object.  Both the
-# numpy 2 (`numpy._core`) and numpy 1.x (`numpy.core`) names are accepted so
-# old files load; nothing is imported by these names.
-_ALLOWED_GLOBALS = {
-    ("numpy", "ndarray"): _NDARRAY_TOKEN,
-    ("numpy", "dtype"): _DtypeProxy,
-    **{(mod, "_reconstruct"): _ArrayProxy
-       for mod in ("numpy._core.multiarray", "numpy.core.multiarray")},
-    **{(mod, "scalar"): _checked_scalar
-       for mod in ("numpy._core.multiarray", "numpy.core.multiarray")},
-    **{("ml_dtypes", name): cls for name, cls in _ML_DTYPES.items()},
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-  """Unpickler that resolves only `_ALLOWED_GLOBALS`."""
-
-  def find_class(self, module: str, name: str) -> Any:
-    try:
-      return _ALLOWED_GLOBALS[(module, name)]
-    except (KeyError, TypeError):
-      raise _Refused(
-          f"refused global '{module}.{name}'; checkpoints may only "
-          "contain plain containers, Python scalars and numeric numpy "
-          "arrays") from None
-
-
-def _unproxy(leaf: Any) -> Any:
-  if type(leaf) is _ArrayProxy:
-    if leaf.array is None:
-      raise _Refused("refused ndarray without data")
-    return leaf.array
-  return leaf
-
-
-def _raise_refused(path: str, message: str):
-  raise _Refused(f"{path}: {message}")
+  return safe_pickle.check_tree(tree, _RULES, "state", _raise_type_error,
+                                _to_numpy)
 
 
 def safe_loads(data: bytes, *, source: str = "<bytes>") -> Any:
@@ -336,16 +103,16 @@ def safe_loads(data: bytes, *, source: str = "<bytes>") -> Any:
     CheckpointError: a refused global/dtype, or a truncated or corrupt pickle.
   """
   try:
-    raw = _RestrictedUnpickler(io.BytesIO(data)).load()
-    return _walk(raw, "state", _raise_refused, _unproxy, set())
-  except _Refused as e:
+    return safe_pickle.loads(data, _RULES, "state")
+  except safe_pickle.Refused as e:
     raise CheckpointError(
         f"{source}: {e}. The file is not a valid advmaml checkpoint and was "
         "not executed; only load checkpoints you trust and re-create this "
         "one with save_checkpoint") from None
   except Exception as e:  # pylint: disable=broad-except
     # Truncation surfaces as EOFError/UnpicklingError/ValueError/... anywhere
-    # in the stream, so any other failure means the bytes are damaged.
+    # in the stream (MemoryError included), so any other failure means the
+    # bytes are damaged and restore_latest may fall back.
     raise CheckpointError(
         f"{source}: checkpoint is truncated or corrupt "
         f"({type(e).__name__}: {e}); delete it and restore an earlier "

@@ -16,12 +16,8 @@
 from __future__ import annotations
 
 import hashlib
-import io
-import math
 import os
 import pathlib
-import pickle
-import re
 import shutil
 import stat
 import tempfile
@@ -32,6 +28,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from absl import logging
 from PIL import Image
+
+from advmaml import safe_pickle
 
 # mkstemp creates 0o600 files; others sharing the folder should read them too.
 FILE_MODE = 0o644
@@ -211,167 +209,17 @@ def resize_rgb(images: np.ndarray, size: int) -> np.ndarray:
 #
 # Data sets ship pickles of plain containers and numpy arrays, some written
 # by Python 2 (CIFAR-100). pickle.load would run whatever callable a file
-# names; this unpickler resolves only stand-ins for the few numpy globals an
-# array needs, and builds arrays from raw bytes with a checked numeric dtype
-# (numpy's own dtype.__setstate__ is never called: it can be told to treat
-# raw bytes as object pointers). advmaml.checkpoint.safe_loads follows the
-# same design but accepts neither bytes keys and values nor Python 2 pickles,
-# which these files need (read with encoding="bytes").
-
-_DTYPE_SPEC_RE = re.compile(r"[<>|=]?[a-z]+[0-9]*")
-_PLAIN_KINDS = frozenset("biuf")
-# Descriptor flags of object-like dtypes (refcounted items, needs Python API).
-_OBJECT_FLAGS = 0x3F
-
-
-class _Refused(Exception):
-  """Raised inside the unpickler; `safe_unpickle` adds the file name."""
-
-
-def _ascii(value: Any) -> Any:
-  """Python 2 str values arrive as bytes under encoding="bytes"."""
-  return value.decode("ascii") if type(value) is bytes else value
-
-
-class _Dtype:
-  """Stands in for ``numpy.dtype(spec, align, copy)``: numeric dtypes only."""
-
-  __slots__ = ("dtype",)
-
-  def __init__(self, spec: Any, align: Any = False, copy: Any = True):
-    del align, copy  # irrelevant for the plain numeric dtypes allowed here
-    try:
-      spec = _ascii(spec)
-    except UnicodeDecodeError:
-      spec = None
-    if type(spec) is not str or not _DTYPE_SPEC_RE.fullmatch(spec):
-      raise _Refused(f"refused dtype {spec!r}; only numeric dtypes are allowed")
-    try:
-      dtype = np.dtype(spec)
-    except TypeError as e:
-      raise _Refused(f"refused dtype {spec!r} ({e})") from None
-    if dtype.kind not in _PLAIN_KINDS or dtype.hasobject or dtype.fields is not None:
-      raise _Refused(f"refused dtype {dtype}; only bool, integer and float arrays are allowed")
-    self.dtype = dtype
-
-  def __setstate__(self, state: Any) -> None:
-    # (version, byteorder, subarray, names, fields, elsize, alignment, flags[, metadata])
-    if not (type(state) is tuple and len(state) in (8, 9) and state[0] in (3, 4)):
-      raise _Refused(f"refused dtype state {state!r}")
-    order = _ascii(state[1])
-    if (order not in ("<", ">", "|", "=") or state[2:5] != (None, None, None)
-        or type(state[7]) is not int or state[7] & _OBJECT_FLAGS
-        or (len(state) == 9 and state[8] is not None)):
-      raise _Refused(f"refused dtype state {state!r}; it would make {self.dtype} "
-                     "structured or object-like")
-    if order in "<>":
-      self.dtype = self.dtype.newbyteorder(order)
-
-
-def _dtype_of(obj: Any) -> np.dtype:
-  if type(obj) is not _Dtype:
-    raise _Refused(f"expected a numpy dtype, got {type(obj).__name__}")
-  return obj.dtype
-
-
-def _array_from_bytes(data: Any, dtype: np.dtype, shape: Any, fortran: bool) -> np.ndarray:
-  if isinstance(data, (bytearray, memoryview, pickle.PickleBuffer)):
-    data = bytes(data)
-  if type(data) is not bytes:
-    raise _Refused(f"refused array data of type {type(data).__name__}")
-  if not (type(shape) is tuple and all(type(n) is int and n >= 0 for n in shape)):
-    raise _Refused(f"refused array shape {shape!r}")
-  if len(data) != math.prod(shape) * dtype.itemsize:
-    raise ValueError(f"array data has {len(data)} bytes, expected "
-                     f"{math.prod(shape) * dtype.itemsize} for {shape} {dtype}")
-  # Zero-copy view of the pickle's bytes (read-only); loaders copy what they keep.
-  return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
-
-
-class _NdarrayToken:
-  """Inert stand-in for the global ``numpy.ndarray``."""
-
-  __slots__ = ()
-
-
-_NDARRAY = _NdarrayToken()
-
-
-class _Array:
-  """Stands in for ``numpy.core.multiarray._reconstruct(ndarray, (0,), b'b')``."""
-
-  __slots__ = ("array",)
-
-  def __init__(self, subtype: Any, shape: Any = (0,), code: Any = b"b"):
-    del shape, code  # placeholders in numpy's protocol; the state has the real ones
-    if subtype is not _NDARRAY:
-      raise _Refused("refused array subtype; only numpy.ndarray is allowed")
-    self.array = None
-
-  def __setstate__(self, state: Any) -> None:
-    if not (type(state) is tuple and len(state) == 5):
-      raise _Refused(f"refused ndarray state of type {type(state).__name__}")
-    _, shape, dtype, fortran, data = state
-    self.array = _array_from_bytes(data, _dtype_of(dtype), shape, bool(fortran))
-
-
-def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
-  """Stands in for ``numpy.core.numeric._frombuffer`` (pickle protocol 5)."""
-  return _array_from_bytes(buffer, _dtype_of(dtype), shape, _ascii(order) == "F")
-
-
-def _scalar(dtype: Any, data: Any = None) -> np.generic:
-  dtype = _dtype_of(dtype)
-  if type(data) is not bytes or len(data) != dtype.itemsize:
-    raise _Refused(f"refused {dtype} scalar data")
-  return np.frombuffer(data, dtype)[0]
-
-
-def _latin1_encode(text: Any, encoding: Any = "latin1") -> bytes:
-  """Stands in for ``_codecs.encode``: how Python 3 pickles bytes at protocol < 3."""
-  if type(text) is not str or encoding not in ("latin1", "latin-1"):
-    raise _Refused("refused _codecs.encode call other than str -> latin1 bytes")
-  return text.encode("latin1")
-
-
-# Both numpy 2 (`numpy._core`) and numpy 1.x (`numpy.core`) module names.
-_ALLOWED_GLOBALS = {
-    ("numpy", "ndarray"): _NDARRAY,
-    ("numpy", "dtype"): _Dtype,
-    ("_codecs", "encode"): _latin1_encode,
-    **{(m + ".multiarray", "_reconstruct"): _Array for m in ("numpy.core", "numpy._core")},
-    **{(m + ".multiarray", "scalar"): _scalar for m in ("numpy.core", "numpy._core")},
-    **{(m + ".numeric", "_frombuffer"): _frombuffer for m in ("numpy.core", "numpy._core")},
-}
-
-
-class _Unpickler(pickle.Unpickler):
-  """Resolves only `_ALLOWED_GLOBALS`; every other global is refused unrun."""
-
-  def find_class(self, module: str, name: str) -> Any:
-    try:
-      return _ALLOWED_GLOBALS[(module, name)]
-    except (KeyError, TypeError):
-      raise _Refused(f"refused global '{module}.{name}'; data pickles may hold only "
-                     "plain containers, strings, numbers and numeric numpy arrays") from None
-
-
-def _plain(tree: Any, path: str) -> Any:
-  """Swaps array stand-ins for arrays; refuses anything that is not plain data."""
-  kind = type(tree)
-  if kind is _Array:
-    if tree.array is None:
-      raise _Refused(f"{path}: ndarray without data")
-    return tree.array
-  if kind is dict:
-    return {_plain(k, f"{path} key"): _plain(v, f"{path}[{k!r}]") for k, v in tree.items()}
-  if kind in (list, tuple):
-    items = [_plain(v, f"{path}[{i}]") for i, v in enumerate(tree)]
-    return items if kind is list else tuple(items)
-  if tree is None or kind in (bool, int, float, str, bytes, np.ndarray) or isinstance(
-      tree, np.generic):
-    return tree
-  raise _Refused(f"{path}: {kind.__name__} is not plain data")
+# names; advmaml.safe_pickle (shared with checkpoints) resolves only checking
+# stand-ins for the few numpy globals an array needs. Unlike checkpoints,
+# these files need encoding="bytes" (Python 2 str), bytes keys and values,
+# protocols 2 to 5; arrays stay read-only views of the pickle's bytes, as the
+# Mini-ImageNet pickles are large.
+_ALLOWED = ("data pickles may hold only plain containers, strings, numbers and "
+            "numeric numpy arrays")
+_RULES = safe_pickle.Rules(
+    refused_global=_ALLOWED, refused_type=_ALLOWED,
+    kinds="biuf", encoding="bytes", bytes_ok=True, str_keys=False,
+    protocol5=True)
 
 
 def safe_unpickle(file: Any, *, source: str, fix: str) -> Any:
@@ -393,11 +241,9 @@ def safe_unpickle(file: Any, *, source: str, fix: str) -> Any:
     DataError: the pickle names a refused global or type, or is truncated or
       corrupt.
   """
-  if isinstance(file, (bytes, bytearray)):
-    file = io.BytesIO(file)
   try:
-    return _plain(_Unpickler(file, encoding="bytes").load(), "pickle")
-  except _Refused as e:
+    return safe_pickle.loads(file, _RULES)
+  except safe_pickle.Refused as e:
     raise DataError(f"{source}: {e}. The file was not executed. {fix}") from None
   except MemoryError:
     raise
