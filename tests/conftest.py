@@ -20,9 +20,14 @@ def fake_omniglot_dir(tmp_path_factory) -> pathlib.Path:
   return folder
 
 
+DATA_DIR_VARIABLES = ("ADVMAML_DATA_DIR", "ADVMAML_CIFAR_DIR", "ADVMAML_MINI_IMAGENET_DIR",
+                      "TFDS_DATA_DIR")
+
+
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch) -> pathlib.Path:
-  """Points the per-user cache at a temp folder and clears the data-dir variable."""
-  monkeypatch.delenv("ADVMAML_DATA_DIR", raising=False)
+  """Keeps a test off the user's cache and data folders: a temp cache, no data-dir variables."""
+  for name in DATA_DIR_VARIABLES:
+    monkeypatch.delenv(name, raising=False)
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   return tmp_path / "xdg"

@@ -144,11 +144,7 @@ def write_archive(folder: pathlib.Path, members=None) -> pathlib.Path:
   return path
 
 
-@pytest.fixture(autouse=True)
-def isolate_env(tmp_path, monkeypatch):
-  """Keeps tests off the user's cache and data folders."""
-  monkeypatch.delenv(cifar.DATA_DIR_ENV, raising=False)
-  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def forbid_decoding(monkeypatch):

@@ -77,10 +77,7 @@ def resized(path: pathlib.Path) -> np.ndarray:
     return np.asarray(img.convert("RGB").resize((SIZE, SIZE), Image.Resampling.LANCZOS))
 
 
-@pytest.fixture(autouse=True)
-def isolate_env(tmp_path, monkeypatch):
-  monkeypatch.delenv(mini_imagenet.DATA_DIR_ENV, raising=False)
-  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def check_standard_split(data: dict) -> None:

@@ -26,11 +26,7 @@ def data_dir(tmp_path: pathlib.Path) -> pathlib.Path:
   return folder
 
 
-@pytest.fixture(autouse=True)
-def isolate_env(tmp_path, monkeypatch):
-  """Keeps tests off the user's cache and data folders."""
-  monkeypatch.delenv(omniglot.DATA_DIR_ENV, raising=False)
-  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def forbid_decoding(monkeypatch):

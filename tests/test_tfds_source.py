@@ -100,10 +100,7 @@ def prepare(builder_cls, root, **attrs):
   return root
 
 
-@pytest.fixture(autouse=True)
-def isolate_env(tmp_path, monkeypatch):
-  monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
-  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(scope="module")
