@@ -19,8 +19,8 @@ _DEFINERS = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.D
 PRESET = flags.DEFINE_string("preset", "omniglot_5w1s", "Named preset (see advmaml.config.PRESETS).")
 
 
-def _base_type(annotation) -> type:
-  hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation  # noqa: S307 (our own annotations)
+def _base_type(hint) -> type:
+  """int, float, bool or str from a resolved annotation such as ``float | None``."""
   args = [a for a in typing.get_args(hint) if a is not type(None)]
   return args[0] if args else hint
 
@@ -28,8 +28,9 @@ def _base_type(annotation) -> type:
 def define_config_flags() -> None:
   """Defines one flag per Config field (call once, at import time of an entry point)."""
   defaults = Config()
+  hints = typing.get_type_hints(Config)
   for field in dataclasses.fields(Config):
-    kind = _base_type(field.type)
+    kind = _base_type(hints[field.name])
     _DEFINERS[kind](field.name, None,
                     f"Overrides the preset's {field.name} (Config default: {getattr(defaults, field.name)!r}).")
 
