@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -101,6 +102,12 @@ def prepare(builder_cls, root, **attrs):
 
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
+
+
+@pytest.fixture(autouse=True)
+def temp_dirs_in_tmp_path(tmp_path, monkeypatch):
+  """TFDS (mock_data) makes temporary folders it never removes: keep them in tmp_path."""
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture(scope="module")
