@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-CONV_IMPLS = ("im2col", "xla")
+CONV_IMPLS = ("im2col", "taps", "xla")
 VARIANTS = ("strided", "maxpool")
 
 
@@ -63,6 +63,27 @@ def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   return patches @ kernel.reshape(kh * kw * cin, cout)
 
 
+def conv2d_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """Same result as ``conv2d_xla``, as a sum of one matmul per kernel tap.
+
+  Unlike im2col it never materialises the (kh * kw)-times larger patch tensor,
+  which dominates memory traffic for stride-1 convolutions on large images.
+  x: (B, H, W, C), kernel: (kh, kw, C, O) -> (B, ceil(H/stride), ceil(W/stride), O).
+  """
+  kh, kw, _, _ = kernel.shape
+  _, h, w, _ = x.shape
+  (pt, pb), (pl, pr) = _same_padding(h, kh, stride), _same_padding(w, kw, stride)
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  ho, wo = -(-h // stride), -(-w // stride)
+  out = None
+  for di in range(kh):
+    for dj in range(kw):
+      tap = xp[:, di:di + (ho - 1) * stride + 1:stride, dj:dj + (wo - 1) * stride + 1:stride, :]
+      term = tap @ kernel[di, dj]
+      out = term if out is None else out + term
+  return out
+
+
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max-pool, stride 2, 'VALID' (odd sizes are floored). (B, H, W, C) -> (B, H//2, W//2, C).
 
@@ -84,7 +105,7 @@ class Conv(nn.Module):
   def __call__(self, x):
     kernel = self.param("kernel", nn.initializers.glorot_uniform(),
                         (3, 3, x.shape[-1], self.features), jnp.float32)
-    conv = conv2d_im2col if self.impl == "im2col" else conv2d_xla
+    conv = {"im2col": conv2d_im2col, "taps": conv2d_taps, "xla": conv2d_xla}[self.impl]
     return conv(x, kernel, self.stride)
 
 

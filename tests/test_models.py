@@ -10,26 +10,27 @@ import pytest
 from jax import lax
 
 from advmaml.maml import Learner
-from advmaml.models import conv2d_im2col, conv2d_xla, make_model, max_pool_2x2
+from advmaml.models import conv2d_im2col, conv2d_taps, conv2d_xla, make_model, max_pool_2x2
 
 
+@pytest.mark.parametrize("conv", [conv2d_im2col, conv2d_taps])
 @pytest.mark.parametrize("size,stride,cin", [(28, 2, 1), (7, 2, 5), (4, 2, 3), (9, 1, 2), (5, 1, 4)])
-def test_im2col_conv_matches_xla_conv(size, stride, cin):
+def test_fast_convs_match_xla_conv(conv, size, stride, cin):
   kx, kw = jax.random.split(jax.random.key(size + stride))
   x = jax.random.normal(kx, (3, size, size, cin))
   w = jax.random.normal(kw, (3, 3, cin, 6))
-  np.testing.assert_allclose(conv2d_im2col(x, w, stride), conv2d_xla(x, w, stride),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(conv(x, w, stride), conv2d_xla(x, w, stride), rtol=1e-5, atol=1e-5)
   loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, stride)))
-  g_fast = jax.grad(loss(conv2d_im2col), argnums=(0, 1))(x, w)
+  g_fast = jax.grad(loss(conv), argnums=(0, 1))(x, w)
   g_ref = jax.grad(loss(conv2d_xla), argnums=(0, 1))(x, w)
   chex.assert_trees_all_close(g_fast, g_ref, rtol=1e-4, atol=1e-4)
 
 
-def test_im2col_conv_matches_xla_under_vmap_over_task_weights():
+@pytest.mark.parametrize("conv", [conv2d_im2col, conv2d_taps])
+def test_fast_convs_match_xla_under_vmap_over_task_weights(conv):
   x = jax.random.normal(jax.random.key(0), (4, 2, 14, 14, 3))
   w = jax.random.normal(jax.random.key(1), (4, 3, 3, 3, 5))
-  fast = jax.vmap(lambda x, w: conv2d_im2col(x, w, 2))(x, w)
+  fast = jax.vmap(lambda x, w: conv(x, w, 2))(x, w)
   ref = jax.vmap(lambda x, w: conv2d_xla(x, w, 2))(x, w)
   np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-5)
 
@@ -69,7 +70,7 @@ def test_second_order_meta_gradient_same_for_both_conv_impls(variant):
   tasks_x = jax.random.uniform(jax.random.key(0), (2, 6, 16, 16, 1))
   y = jnp.repeat(jnp.arange(3), 2)
   grads = []
-  for impl in ("im2col", "xla"):
+  for impl in ("im2col", "taps", "xla"):
     model = make_model(3, (16, 16, 1), filters=4, variant=variant, conv_impl=impl)
     learner = Learner(model.apply, inner_steps=2, inner_lr=0.4)
     meta = learner.init_meta_params(model.init(jax.random.key(1)))
@@ -80,4 +81,5 @@ def test_second_order_meta_gradient_same_for_both_conv_impls(variant):
         return learner.loss(fast, x[::-1], y[::-1])[0]
       return jax.vmap(task_loss)(tasks_x).mean()
     grads.append(jax.jit(jax.grad(meta_loss))(meta))
-  chex.assert_trees_all_close(grads[0], grads[1], rtol=2e-3, atol=2e-5)
+  chex.assert_trees_all_close(grads[0], grads[2], rtol=2e-3, atol=2e-5)
+  chex.assert_trees_all_close(grads[1], grads[2], rtol=2e-3, atol=2e-5)
