@@ -39,6 +39,14 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
   return total // 2, total - total // 2
 
 
+def _pad_same(x: jax.Array, kh: int, kw: int, stride: int) -> tuple[jax.Array, int, int]:
+  """'SAME'-padded x (B, H+p, W+q, C) and the output size (ceil(H/stride), ceil(W/stride))."""
+  _, h, w, _ = x.shape
+  (pt, pb), (pl, pr) = _same_padding(h, kh, stride), _same_padding(w, kw, stride)
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  return xp, -(-h // stride), -(-w // stride)
+
+
 def conv2d_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   """'SAME' 2-D convolution. x: (B, H, W, C), kernel: (kh, kw, C, O) -> (B, H', W', O)."""
   return lax.conv_general_dilated(
@@ -52,10 +60,7 @@ def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   x: (B, H, W, C), kernel: (kh, kw, C, O) -> (B, ceil(H/stride), ceil(W/stride), O).
   """
   kh, kw, cin, cout = kernel.shape
-  _, h, w, _ = x.shape
-  (pt, pb), (pl, pr) = _same_padding(h, kh, stride), _same_padding(w, kw, stride)
-  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  ho, wo = -(-h // stride), -(-w // stride)
+  xp, ho, wo = _pad_same(x, kh, kw, stride)
   # Patch channel order (di, dj, c) matches kernel.reshape(kh * kw * cin, cout).
   patches = jnp.concatenate([
       xp[:, di:di + (ho - 1) * stride + 1:stride, dj:dj + (wo - 1) * stride + 1:stride, :]
@@ -71,10 +76,7 @@ def conv2d_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   x: (B, H, W, C), kernel: (kh, kw, C, O) -> (B, ceil(H/stride), ceil(W/stride), O).
   """
   kh, kw, _, _ = kernel.shape
-  _, h, w, _ = x.shape
-  (pt, pb), (pl, pr) = _same_padding(h, kh, stride), _same_padding(w, kw, stride)
-  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  ho, wo = -(-h // stride), -(-w // stride)
+  xp, ho, wo = _pad_same(x, kh, kw, stride)
   out = None
   for di in range(kh):
     for dj in range(kw):
