@@ -40,6 +40,12 @@ def mean_and_ci95(values: np.ndarray) -> dict:
           "std": std, "n": int(n)}
 
 
+def evaluation_episode(pool, key, index, n_way: int, k_shot: int, q_query: int):
+  """Episode ``index`` of an evaluation with ``key``, and the key its metric uses."""
+  sample_key, metric_key = jax.random.split(jax.random.fold_in(key, index))
+  return sample_episode(pool, sample_key, n_way, k_shot, q_query), metric_key
+
+
 @functools.partial(jax.jit, static_argnames=(
     "learner", "metric_fn", "n_way", "k_shot", "q_query", "batch_tasks"))
 def _evaluate_batch(meta_params, pool, key, start, *, learner, metric_fn, n_way, k_shot,
@@ -47,9 +53,7 @@ def _evaluate_batch(meta_params, pool, key, start, *, learner, metric_fn, n_way,
   indices = start + jnp.arange(batch_tasks)
 
   def one(i):
-    episode_key = jax.random.fold_in(key, i)
-    sample_key, metric_key = jax.random.split(episode_key)
-    episode = sample_episode(pool, sample_key, n_way, k_shot, q_query)
+    episode, metric_key = evaluation_episode(pool, key, i, n_way, k_shot, q_query)
     return metric_fn(learner, meta_params, episode, metric_key)
 
   return jax.vmap(one)(indices)

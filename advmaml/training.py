@@ -154,7 +154,8 @@ def train(cfg: Config, workdir: str | os.PathLike) -> dict:
                              image_size=cfg.image_size, tfds_data_dir=cfg.tfds_data_dir)
   validate_against_data(cfg, {name: s.images for name, s in splits.items()})
   try:
-    sharding.check_divisible(cfg.meta_batch_size, sharding.make_mesh(cfg.num_devices))
+    mesh = sharding.make_mesh(cfg.num_devices)
+    sharding.check_divisible(cfg.meta_batch_size, mesh)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   check_or_write_config(workdir, cfg)
@@ -172,7 +173,6 @@ def train(cfg: Config, workdir: str | os.PathLike) -> dict:
   truncate_metrics(metrics_path, step)
 
   _, train_key, val_key = run_keys(cfg.seed)
-  mesh = sharding.make_mesh(cfg.num_devices)
   state = sharding.replicate(state, mesh)
   train_pool = sharding.replicate(splits["train"].images, mesh)
   val_pool = jax.device_put(splits["val"].images)

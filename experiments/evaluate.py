@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from advmaml import plots, robust_eval
 from advmaml.checkpoint import CheckpointError
 from advmaml.config import ConfigError
-from advmaml.data.episodes import sample_episode
+from advmaml.evaluation import evaluation_episode
 from advmaml.data.omniglot import DataError
 from advmaml.trained_runs import evaluate_trained, load_trained, write_json
 from experiments.attack_flags import (AttackSettings, attack_record, attack_settings_from_flags,
@@ -45,9 +45,9 @@ def _write_plots(run, splits, record, settings: AttackSettings, folder: pathlib.
   cfgs = robust_eval.attack_sets(settings.names, (eps,), n_way=cfg.n_way, norm=settings.norm,
                                  steps=settings.steps, restarts=settings.restarts)[0]
   # Episode 0 of the evaluation, with its metric key, as evaluate_episodes draws it.
-  sample_key, metric_key = jax.random.split(jax.random.fold_in(jax.random.key(record["seed"]), 0))
-  episode = sample_episode(jax.numpy.asarray(splits[split].images), sample_key, cfg.n_way,
-                           cfg.k_shot, cfg.eval_q_query)
+  episode, metric_key = evaluation_episode(jax.numpy.asarray(splits[split].images),
+                                           jax.random.key(record["seed"]), 0, cfg.n_way,
+                                           cfg.k_shot, cfg.eval_q_query)
   ex = jax.device_get(robust_eval.adversarial_examples(
       run.exp.learner, run.meta_params, episode, metric_key, inner_steps=record["inner_steps"],
       cfgs=cfgs, target=settings.target))
