@@ -117,7 +117,7 @@ def _build(work: Workload, pool) -> tuple[Callable, tuple, Config]:
   if work.kind == "train":
     step = make_train_step(exp.learner, get_objective(cfg), exp.optimizer,
                            meta_batch_size=cfg.meta_batch_size, n_way=cfg.n_way,
-                           k_shot=cfg.k_shot, q_query=work.q_query)
+                           k_shot=cfg.k_shot, q_query=work.q_query, task_chunk=cfg.task_chunk)
     return step, (init_train_state(meta, exp.optimizer), pool, key), cfg
   metric = functools.partial(clean_accuracy, inner_steps=cfg.eval_inner_steps)
   fn = jax.jit(lambda m, p, k: (m, _evaluate_batch(
@@ -176,7 +176,7 @@ def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
     result["fraction_of_matmul_peak"] = result["gflops_achieved"] / peak_gflops
   result["config"] = {k: v for k, v in dataclasses.asdict(cfg).items()
                       if k in ("model", "filters", "conv_impl", "remat", "inner_steps",
-                               "eval_inner_steps", "meta_batch_size", "objective")}
+                               "eval_inner_steps", "meta_batch_size", "objective", "task_chunk")}
   return result
 
 

@@ -51,6 +51,7 @@ class Config:
   num_steps: int = 60000
   seed: int = 0
   num_devices: int = 0              # devices the meta-batch is split over (0: all)
+  task_chunk: int = -1              # tasks vmapped together, gradients summed over chunks (0: all; -1: 1 per device on CPU, all on GPU/TPU)
   # Training-time attack of the robust objectives "aq", "adml", "rmaml", "adv_support"
   # (advmaml/robust_objectives.py).
   train_attack: str = "pgd"         # "fgsm", "pgd" or "apgd" (rmaml: fgsm/pgd only)
@@ -153,6 +154,9 @@ def validate(cfg: Config) -> None:
   for name in ("inner_steps", "eval_inner_steps", "eval_every", "num_devices"):
     if getattr(cfg, name) < 0:
       raise ConfigError(f"--{name}={getattr(cfg, name)} must be >= 0")
+  if cfg.task_chunk < -1 or (cfg.task_chunk > 0 and cfg.meta_batch_size % cfg.task_chunk):
+    raise ConfigError(f"--task_chunk={cfg.task_chunk} must divide --meta_batch_size="
+                      f"{cfg.meta_batch_size}, or be 0 (all tasks at once) or -1 (auto)")
   if cfg.inner_lr < 0:
     raise ConfigError(f"--inner_lr={cfg.inner_lr} must be >= 0")
   if cfg.model not in models.VARIANTS:

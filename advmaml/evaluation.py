@@ -17,6 +17,7 @@ import numpy as np
 
 from advmaml.data.episodes import Episode, sample_episode
 from advmaml.maml import Learner
+from advmaml.meta_step import AUTO_TASK_CHUNK, resolve_task_chunk
 
 # (learner, meta_params, episode, key) -> dict of per-episode scalars.
 EpisodeMetricFn = Callable[[Learner, dict, Episode, jax.Array], dict]
@@ -56,7 +57,10 @@ def _evaluate_batch(meta_params, pool, key, start, *, learner, metric_fn, n_way,
     episode, metric_key = evaluation_episode(pool, key, i, n_way, k_shot, q_query)
     return metric_fn(learner, meta_params, episode, metric_key)
 
-  return jax.vmap(one)(indices)
+  # On CPU one episode at a time keeps the working set in cache (see
+  # meta_step.resolve_task_chunk); elsewhere the whole batch is vmapped.
+  chunk = resolve_task_chunk(AUTO_TASK_CHUNK) or batch_tasks
+  return jax.lax.map(one, indices, batch_size=chunk)
 
 
 def evaluate_episodes(learner: Learner, meta_params: dict, pool, key, *, num_episodes: int,

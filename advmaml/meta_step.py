@@ -29,6 +29,22 @@ def init_train_state(meta_params: dict, optimizer: optax.GradientTransformation)
   return TrainState(jnp.zeros((), jnp.int32), meta_params, optimizer.init(meta_params))
 
 
+AUTO_TASK_CHUNK = -1
+
+
+def resolve_task_chunk(task_chunk: int, num_devices: int = 1) -> int:
+  """The number of tasks to vmap together; -1 (auto) picks by backend.
+
+  On CPU a whole vmapped meta-batch's activations overflow the caches and every
+  op streams them through memory; one task per device at a time was 1.4-1.85x
+  faster on the B1-B3 workloads (docs/benchmark_notes.md, section 6). GPUs and
+  TPUs want the whole batch at once (0).
+  """
+  if task_chunk != AUTO_TASK_CHUNK:
+    return task_chunk
+  return num_devices if jax.default_backend() == "cpu" else 0
+
+
 def meta_loss(learner: Learner, objective: Objective, meta_params: dict, tasks, key):
   """Mean over the task axis of ``objective``. tasks: Episode with leading (T,) axis."""
   num_tasks = tasks.support_y.shape[0]
@@ -38,10 +54,51 @@ def meta_loss(learner: Learner, objective: Objective, meta_params: dict, tasks, 
   return losses.mean(), jax.tree.map(jnp.mean, metrics)
 
 
+def meta_value_and_grad(learner: Learner, objective: Objective, meta_params: dict, tasks, key,
+                        task_chunk: int = 0):
+  """``((loss, metrics), grads)`` of ``meta_loss``, optionally in chunks of tasks.
+
+  tasks: Episode with leading (T,) axis. task_chunk: 0 (or T) differentiates all T
+  vmapped tasks at once; otherwise ``lax.scan`` runs T // task_chunk chunks of
+  task_chunk vmapped tasks each and sums their gradients. Same result up to float
+  summation order (every task keeps its own key); the point is a working set of one
+  chunk's activations, which fits the CPU caches where all T tasks' do not.
+  Chunk c holds tasks c, c + n, c + 2n, ... (n = number of chunks), so when the task
+  axis is split over devices in contiguous blocks every chunk stays split the same way.
+  """
+  num_tasks = tasks.support_y.shape[0]
+  if not task_chunk or task_chunk >= num_tasks:
+    return jax.value_and_grad(
+        lambda mp: meta_loss(learner, objective, mp, tasks, key), has_aux=True)(meta_params)
+  if num_tasks % task_chunk:
+    raise ValueError(f"task_chunk={task_chunk} must divide the {num_tasks} tasks of a meta-batch")
+  num_chunks = num_tasks // task_chunk
+  keys = jax.random.split(key, num_tasks)
+
+  def chunked(x):  # (T, ...) -> (num_chunks, task_chunk, ...), chunk c = tasks c::num_chunks
+    return jnp.swapaxes(x.reshape(task_chunk, num_chunks, *x.shape[1:]), 0, 1)
+
+  def chunk_sums(mp, chunk_tasks, chunk_keys):
+    losses, metrics = jax.vmap(
+        lambda task, k: objective(learner, mp, task, k))(chunk_tasks, chunk_keys)
+    return losses.sum(), jax.tree.map(jnp.sum, metrics)
+
+  def body(totals, chunk):
+    value_grad = jax.value_and_grad(chunk_sums, has_aux=True)(meta_params, *chunk)
+    return jax.tree.map(jnp.add, totals, value_grad), None
+
+  xs = jax.tree.map(chunked, (tasks, keys))
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
+      lambda: jax.value_and_grad(chunk_sums, has_aux=True)(
+          meta_params, *jax.tree.map(lambda x: x[0], xs))))
+  totals, _ = jax.lax.scan(body, zeros, xs)
+  return jax.tree.map(lambda t: t / num_tasks, totals)
+
+
 def make_train_step(learner: Learner, objective: Objective,
                     optimizer: optax.GradientTransformation, *, meta_batch_size: int,
                     n_way: int, k_shot: int, q_query: int, jit: bool = True,
-                    mesh=None) -> Callable:
+                    mesh=None, task_chunk: int = AUTO_TASK_CHUNK) -> Callable:
   """Returns ``train_step(state, pool, key) -> (state, metrics)``.
 
   pool: (num_classes, num_examples, H, W[, C]) uint8 class pool on the device.
@@ -49,16 +106,18 @@ def make_train_step(learner: Learner, objective: Objective,
   resumed run draws exactly the tasks an uninterrupted one would.
   mesh: optional ``jax.sharding.Mesh`` with a "tasks" axis: the sampled tasks
   are split over its devices (state and pool should be replicated on it).
+  task_chunk: tasks differentiated together (see ``meta_value_and_grad``; 0: all;
+  -1: ``resolve_task_chunk``'s choice for the backend).
   """
+  task_chunk = resolve_task_chunk(task_chunk, mesh.devices.size if mesh is not None else 1)
 
   def train_step(state: TrainState, pool: jax.Array, key: jax.Array):
     step_key = jax.random.fold_in(key, state.step)
     task_key, objective_key = jax.random.split(step_key)
     tasks = shard_tasks(sample_episodes(pool, task_key, meta_batch_size, n_way, k_shot, q_query),
                         mesh)
-    grad_fn = jax.value_and_grad(
-        lambda mp: meta_loss(learner, objective, mp, tasks, objective_key), has_aux=True)
-    (loss, metrics), grads = grad_fn(state.meta_params)
+    (loss, metrics), grads = meta_value_and_grad(learner, objective, state.meta_params, tasks,
+                                                 objective_key, task_chunk)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
     meta_params = optax.apply_updates(state.meta_params, updates)
     metrics = {**metrics, "outer_loss": loss, "grad_norm": optax.tree.norm(grads)}

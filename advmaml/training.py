@@ -37,7 +37,7 @@ from advmaml.objectives import get_objective
 # Settings that may change when a run is resumed: they do not change the math.
 RESUMABLE_CHANGES = ("num_steps", "log_every", "eval_every", "val_episodes", "checkpoint_every",
                      "keep_checkpoints", "test_episodes", "eval_batch_tasks", "data_dir",
-                     "tfds_data_dir", "remat", "num_devices")
+                     "tfds_data_dir", "remat", "num_devices", "task_chunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +178,8 @@ def train(cfg: Config, workdir: str | os.PathLike) -> dict:
   val_pool = jax.device_put(splits["val"].images)
   train_step = make_train_step(exp.learner, get_objective(cfg), exp.optimizer,
                                meta_batch_size=cfg.meta_batch_size, n_way=cfg.n_way,
-                               k_shot=cfg.k_shot, q_query=cfg.q_query, mesh=mesh)
+                               k_shot=cfg.k_shot, q_query=cfg.q_query, mesh=mesh,
+                               task_chunk=cfg.task_chunk)
   logging.info("Meta-batch of %d tasks split over %d %s device(s)", cfg.meta_batch_size,
                mesh.devices.size, mesh.devices.flat[0].platform)
 

@@ -27,6 +27,8 @@ CONV_IMPL = flags.DEFINE_enum("conv_impl", None, ["im2col", "taps", "xla"],
                               "Override the workloads' convolution implementation (default im2col).")
 REMAT = flags.DEFINE_bool("remat", None, "Override the workloads' inner-loop rematerialisation.")
 INNER_STEPS = flags.DEFINE_integer("inner_steps", None, "Override the workloads' inner steps.")
+TASK_CHUNK = flags.DEFINE_integer("task_chunk", None, "Override the tasks differentiated together "
+                                  "(train workloads; 0: the whole meta-batch).")
 
 
 def main(argv):
@@ -43,7 +45,8 @@ def main(argv):
   logging.info("float32 matmul peak: %.1f GFLOP/s (median; %.1f-%.1f)", peak["gflops_median"],
                peak["gflops_min"], peak["gflops_max"])
   overrides = {k: v for k, v in (("conv_impl", CONV_IMPL.value), ("remat", REMAT.value),
-                                    ("inner_steps", INNER_STEPS.value)) if v is not None}
+                                    ("inner_steps", INNER_STEPS.value),
+                                    ("task_chunk", TASK_CHUNK.value)) if v is not None}
   results = []
   for name in names:
     work = benchmark.WORKLOADS[name]
