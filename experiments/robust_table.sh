@@ -27,6 +27,7 @@ for obj in "$@"; do
       --checkpoint_every=250 --keep_checkpoints=2 --log_every=50 --eval_every=1000 ; } \
       >> "$out/train.log" 2>&1
   { time "$PYTHON" -m experiments.evaluate --workdir="$workdir" --episodes=600 --seed=0 \
+      --output="$workdir/eval_test_robust.json" \
       --epsilons=0.025,0.05,0.1 --attacks=pgd,margin,apgd --attack_steps=20 ; } \
       > "$out/evaluate_robust.log" 2>&1
   cp "$workdir/config.json" "$workdir/metrics.jsonl" "$workdir"/eval_test_robust.json \
