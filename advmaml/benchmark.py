@@ -122,8 +122,23 @@ def _build(work: Workload, pool) -> tuple[Callable, tuple, Config]:
   metric = functools.partial(clean_accuracy, inner_steps=cfg.eval_inner_steps)
   fn = jax.jit(lambda m, p, k: (m, _evaluate_batch(
       m, p, k, 0, learner=exp.learner, metric_fn=metric, n_way=cfg.n_way, k_shot=cfg.k_shot,
-      q_query=work.q_query, batch_tasks=cfg.meta_batch_size)))
+      q_query=work.q_query, batch_tasks=cfg.meta_batch_size, task_chunk=cfg.task_chunk)))
   return fn, (meta, pool, key), cfg
+
+
+def _xla_flops(work: Workload, pool) -> float:
+  """FLOPs per step by XLA's cost analysis of the same step with all tasks vmapped at once.
+
+  The analysis counts a loop body once, so the task-chunked program (a scan over
+  chunks) would be undercounted by the number of chunks; the all-at-once program
+  does the same arithmetic.
+  """
+  fn, args, _ = _build(dataclasses.replace(work, overrides={**work.overrides, "task_chunk": 0}),
+                       pool)
+  cost = fn.lower(*args).compile().cost_analysis() or {}
+  if isinstance(cost, list):  # older JAX returned one dict per device
+    cost = cost[0] if cost else {}
+  return float(cost.get("flops", float("nan")))
 
 
 def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
@@ -135,10 +150,8 @@ def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
   t0 = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis() or {}
-  if isinstance(cost, list):  # older JAX returned one dict per device
-    cost = cost[0] if cost else {}
   mem = compiled.memory_analysis()
+  flops = _xla_flops(work, pool)
 
   state, rest = args[0], args[1:]
   state, out = fn(state, *rest)  # first call: warm-up, off the clock
@@ -155,7 +168,6 @@ def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
     rates.append(n / (time.perf_counter() - t0))
   unit_per_step = cfg.meta_batch_size if work.kind == "adapt" else 1
   images = cfg.meta_batch_size * cfg.n_way * (cfg.k_shot + work.q_query)
-  flops = float(cost.get("flops", float("nan")))
   median = statistics.median(rates)
   stats = jax.devices()[0].memory_stats() or {}
   result = {

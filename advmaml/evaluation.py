@@ -48,18 +48,18 @@ def evaluation_episode(pool, key, index, n_way: int, k_shot: int, q_query: int):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "learner", "metric_fn", "n_way", "k_shot", "q_query", "batch_tasks"))
+    "learner", "metric_fn", "n_way", "k_shot", "q_query", "batch_tasks", "task_chunk"))
 def _evaluate_batch(meta_params, pool, key, start, *, learner, metric_fn, n_way, k_shot,
-                    q_query, batch_tasks):
+                    q_query, batch_tasks, task_chunk=AUTO_TASK_CHUNK):
   indices = start + jnp.arange(batch_tasks)
 
   def one(i):
     episode, metric_key = evaluation_episode(pool, key, i, n_way, k_shot, q_query)
     return metric_fn(learner, meta_params, episode, metric_key)
 
-  # On CPU one episode at a time keeps the working set in cache (see
-  # meta_step.resolve_task_chunk); elsewhere the whole batch is vmapped.
-  chunk = resolve_task_chunk(AUTO_TASK_CHUNK) or batch_tasks
+  # Episodes vmapped together: by default one at a time on CPU, where that keeps the
+  # working set in cache, and the whole batch elsewhere (meta_step.resolve_task_chunk).
+  chunk = min(resolve_task_chunk(task_chunk) or batch_tasks, batch_tasks)
   return jax.lax.map(one, indices, batch_size=chunk)
 
 

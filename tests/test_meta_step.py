@@ -69,3 +69,27 @@ def test_auto_chunk_is_one_task_per_device_on_cpu():
   assert resolve_task_chunk(0) == 0 and resolve_task_chunk(4, num_devices=2) == 4
   expected = 2 if jax.default_backend() == "cpu" else 0
   assert resolve_task_chunk(AUTO_TASK_CHUNK, num_devices=2) == expected
+
+
+def adapted_query_loss(learner, meta_params, episode, key, *, inner_steps):
+  del key
+  fast = learner.adapt(meta_params, episode.support_x, episode.support_y, steps=inner_steps)
+  loss, accuracy = learner.loss(fast, episode.query_x, episode.query_y)
+  return {"loss": loss, "accuracy": accuracy}
+
+
+def test_evaluation_gives_the_same_episodes_one_at_a_time_or_vmapped():
+  import functools
+  from advmaml.evaluation import _evaluate_batch
+  cfg = preset("tiny")
+  exp = build_experiment(cfg, (16, 16, 1))
+  meta = exp.learner.init_meta_params(exp.model.init(jax.random.key(0)))
+  pool = np.random.default_rng(0).integers(0, 256, (12, 6, 16, 16), dtype=np.uint8)
+  metric = functools.partial(adapted_query_loss, inner_steps=2)
+  run = lambda chunk: jax.device_get(_evaluate_batch(
+      meta, pool, jax.random.key(3), 0, learner=exp.learner, metric_fn=metric, n_way=3,
+      k_shot=1, q_query=2, batch_tasks=6, task_chunk=chunk))
+  vmapped = run(0)
+  assert np.ptp(vmapped["loss"]) > 0                       # six different episodes
+  for chunk in (1, 2):
+    chex.assert_trees_all_close(run(chunk), vmapped, atol=1e-5, rtol=1e-5)
