@@ -83,16 +83,17 @@ def meta_value_and_grad(learner: Learner, objective: Objective, meta_params: dic
         lambda task, k: objective(learner, mp, task, k))(chunk_tasks, chunk_keys)
     return losses.sum(), jax.tree.map(jnp.sum, metrics)
 
-  def body(totals, chunk):
-    value_grad = jax.value_and_grad(chunk_sums, has_aux=True)(meta_params, *chunk)
-    return jax.tree.map(jnp.add, totals, value_grad), None
+  def body(grad_total, chunk):
+    sums, grads = jax.value_and_grad(chunk_sums, has_aux=True)(meta_params, *chunk)
+    return jax.tree.map(jnp.add, grad_total, grads), sums
 
-  xs = jax.tree.map(chunked, (tasks, keys))
-  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
-      lambda: jax.value_and_grad(chunk_sums, has_aux=True)(
-          meta_params, *jax.tree.map(lambda x: x[0], xs))))
-  totals, _ = jax.lax.scan(body, zeros, xs)
-  return jax.tree.map(lambda t: t / num_tasks, totals)
+  # Gradients are carried (their zeros need no trace of the objective, so it is traced
+  # once); the per-chunk loss and metric sums come out as the scan's outputs.
+  grad_total, chunk_sums_out = jax.lax.scan(
+      body, jax.tree.map(jnp.zeros_like, meta_params), jax.tree.map(chunked, (tasks, keys)))
+  loss_sum, metric_sums = jax.tree.map(lambda x: x.sum(0), chunk_sums_out)
+  mean = lambda tree: jax.tree.map(lambda t: t / num_tasks, tree)
+  return (loss_sum / num_tasks, mean(metric_sums)), mean(grad_total)
 
 
 def make_train_step(learner: Learner, objective: Objective,
