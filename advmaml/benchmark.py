@@ -192,8 +192,25 @@ def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
   return result
 
 
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor().
+
+  Recorded because the "same" 2-core machine kind has been different CPUs on
+  different days (Intel with AVX-512, AMD EPYC with AVX2), and throughput
+  numbers are only comparable on one CPU.
+  """
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
 def machine_info() -> dict:
   dev = jax.devices()[0]
   return {"platform": dev.platform, "device": dev.device_kind, "device_count": jax.device_count(),
-          "cpu_count": __import__("os").cpu_count(), "machine": platform.machine(),
-          "jax": jax.__version__}
+          "cpu_count": __import__("os").cpu_count(), "cpu_model": cpu_model(),
+          "machine": platform.machine(), "jax": jax.__version__}
