@@ -196,8 +196,8 @@ def cpu_model() -> str:
   """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor().
 
   Recorded because the "same" 2-core machine kind has been different CPUs on
-  different days (Intel with AVX-512, AMD EPYC with AVX2), and throughput
-  numbers are only comparable on one CPU.
+  different days (measured matmul peaks of 316, 205 and 119 GFLOP/s), and
+  throughput numbers are only comparable on one CPU.
   """
   try:
     with open("/proc/cpuinfo") as f:
