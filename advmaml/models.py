@@ -9,13 +9,18 @@ train and at test time, with no running averages: this is what MAML does
 (Finn et al. 2017), and it makes a task's prediction depend on the other
 examples of that task's support or query batch (transductive batch norm).
 
-Convolutions come in two numerically equivalent implementations:
+Convolutions come in numerically equivalent implementations (``conv_impl``):
 
 * ``"xla"``: ``lax.conv_general_dilated``, the obvious reference.
-* ``"im2col"``: nine shifted strided slices concatenated into patches, then one
-  matmul. When MAML vmaps per-task weights over tasks, XLA turns the reference
-  into a grouped convolution, whose CPU backward pass is slow; the im2col form
-  becomes a batched matmul instead, and its backward is matmuls plus pads.
+* ``"im2col"`` (default): nine shifted strided slices concatenated into
+  patches, then one matmul. When MAML vmaps per-task weights over tasks, XLA
+  turns the reference into a grouped convolution, whose CPU backward pass is
+  slow; the im2col form becomes a batched matmul instead, and its backward is
+  matmuls plus pads.
+* ``"taps"`` and ``"winograd"``: one matmul per kernel tap, and Winograd
+  F(2x2, 3x3); both measured slower than im2col on CPU and kept to reproduce
+  ``docs/benchmark_notes.md`` (sections 5, 7 and 10) and to try on other
+  hardware.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-CONV_IMPLS = ("im2col", "taps", "xla")
+CONV_IMPLS = ("im2col", "taps", "winograd", "xla")
 VARIANTS = ("strided", "maxpool")
 
 
@@ -86,6 +91,54 @@ def conv2d_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   return out
 
 
+# Winograd F(2x2, 3x3) (Lavin & Gray 2016): output tile Y = A^T [(G g G^T) * (B^T d B)] A
+# for a 4x4 input tile d and a 3x3 kernel g; 16 multiplies per output tile and
+# channel pair instead of 36.
+_WINO_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINO_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_WINO_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def _signed_sum(terms, coeffs):
+  """sum_i coeffs[i] * terms[i] for coefficients in {-1, 0, 1}, without multiplies."""
+  out = None
+  for t, c in zip(terms, coeffs):
+    if c == 0:
+      continue
+    out = (t if c > 0 else -t) if out is None else (out + t if c > 0 else out - t)
+  return out
+
+
+def conv2d_winograd(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """Same result as ``conv2d_xla`` (to float32 rounding): Winograd F(2x2, 3x3).
+
+  For stride-1 3x3 convolutions: 2.25x fewer multiplies than im2col, as 16
+  batched (tiles x C) @ (C x O) matmuls, and a transformed input 16/9 the size
+  of the activations per 4 outputs instead of im2col's 9x patches. Other
+  strides or kernel sizes fall back to ``conv2d_im2col``.
+  x: (B, H, W, C), kernel: (3, 3, C, O) -> (B, H, W, O).
+  """
+  kh, kw, cin, cout = kernel.shape
+  if stride != 1 or (kh, kw) != (3, 3):
+    return conv2d_im2col(x, kernel, stride)
+  b, h, w, _ = x.shape
+  th, tw = -(-h // 2), -(-w // 2)
+  # 'SAME' pads 1 on each side; pad the high side further to whole 2x2 output tiles.
+  xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
+  # d[u][v]: (B, th, tw, C), element (u, v) of every 4x4 input tile (stride-2 windows).
+  d = [[xp[:, u:u + 2 * th - 1:2, v:v + 2 * tw - 1:2, :] for v in range(4)] for u in range(4)]
+  rows = [[_signed_sum([d[u][v] for u in range(4)], _WINO_BT[a]) for v in range(4)] for a in range(4)]
+  tiles = jnp.stack([_signed_sum(rows[a], _WINO_BT[c]) for a in range(4) for c in range(4)])
+  g = jnp.asarray(_WINO_G, kernel.dtype)
+  u_kernel = jnp.einsum("ai,ijco,bj->abco", g, kernel, g).reshape(16, cin, cout)
+  m = jnp.einsum("kbhwc,kco->kbhwo", tiles, u_kernel).reshape(4, 4, b, th, tw, cout)
+  out_rows = [[_signed_sum([m[a, c] for a in range(4)], _WINO_AT[p]) for c in range(4)] for p in range(2)]
+  y = [[_signed_sum(out_rows[p], _WINO_AT[q]) for q in range(2)] for p in range(2)]
+  # Interleave the four (B, th, tw, O) outputs into (B, 2 th, 2 tw, O), then crop.
+  y = jnp.stack([jnp.stack(y[p], axis=3) for p in range(2)], axis=2)
+  return y.reshape(b, 2 * th, 2 * tw, cout)[:, :h, :w, :]
+
+
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max-pool, stride 2, 'VALID' (odd sizes are floored). (B, H, W, C) -> (B, H//2, W//2, C).
 
@@ -107,7 +160,8 @@ class Conv(nn.Module):
   def __call__(self, x):
     kernel = self.param("kernel", nn.initializers.glorot_uniform(),
                         (3, 3, x.shape[-1], self.features), jnp.float32)
-    conv = {"im2col": conv2d_im2col, "taps": conv2d_taps, "xla": conv2d_xla}[self.impl]
+    conv = {"im2col": conv2d_im2col, "taps": conv2d_taps, "winograd": conv2d_winograd,
+            "xla": conv2d_xla}[self.impl]
     return conv(x, kernel, self.stride)
 
 

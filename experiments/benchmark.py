@@ -15,6 +15,7 @@ import pathlib
 from absl import app, flags, logging
 
 from advmaml import benchmark
+from advmaml.models import CONV_IMPLS
 from advmaml.trained_runs import write_json
 
 CONFIG = flags.DEFINE_list("config", [], f"Workloads to run, from {sorted(benchmark.WORKLOADS)}.")
@@ -23,7 +24,7 @@ REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per workload.")
 MIN_STEPS = flags.DEFINE_integer("min_steps", 20, "Steps per repetition (or --min_seconds, whichever first).")
 MIN_SECONDS = flags.DEFINE_float("min_seconds", 30.0, "Seconds per repetition (or --min_steps, whichever first).")
 OUTPUT = flags.DEFINE_string("output", None, "JSON output path (default: print only).")
-CONV_IMPL = flags.DEFINE_enum("conv_impl", None, ["im2col", "taps", "xla"],
+CONV_IMPL = flags.DEFINE_enum("conv_impl", None, list(CONV_IMPLS),
                               "Override the workloads' convolution implementation (default im2col).")
 REMAT = flags.DEFINE_bool("remat", None, "Override the workloads' inner-loop rematerialisation.")
 INNER_STEPS = flags.DEFINE_integer("inner_steps", None, "Override the workloads' inner steps.")
