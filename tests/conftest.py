@@ -1,10 +1,24 @@
-"""Shared fixtures: a small fake Omniglot in the official layout, isolated caches."""
+"""Shared fixtures: a small fake Omniglot in the official layout, isolated caches.
+
+Also a persistent XLA compilation cache for the whole test session: many
+tests (and the entry points they start as subprocesses) compile the same
+tiny programs, and on a 2-core CPU the suite is dominated by compile time.
+It is set through the environment, before JAX is imported, so subprocesses
+share it, and it lives in a fresh temporary folder, so no run reuses another's.
+"""
 
 from __future__ import annotations
 
+import os
 import pathlib
+import shutil
+import tempfile
 
-import pytest
+_JAX_CACHE = tempfile.mkdtemp(prefix="advmaml-test-xla-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import pytest  # noqa: E402
 
 from fake_omniglot import many_chars, write_zips
 
@@ -31,3 +45,8 @@ def isolated_cache(tmp_path, monkeypatch) -> pathlib.Path:
     monkeypatch.delenv(name, raising=False)
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   return tmp_path / "xdg"
+
+
+def pytest_unconfigure(config):
+  del config
+  shutil.rmtree(_JAX_CACHE, ignore_errors=True)
