@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import platform
 import statistics
 import time
@@ -31,6 +32,7 @@ import numpy as np
 
 from advmaml.config import Config, preset
 from advmaml.evaluation import _evaluate_batch, clean_accuracy
+from advmaml.host import cpu_model
 from advmaml.meta_step import init_train_state, make_train_step
 from advmaml.objectives import get_objective
 from advmaml.training import build_experiment
@@ -192,25 +194,8 @@ def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
   return result
 
 
-def cpu_model() -> str:
-  """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor().
-
-  Recorded because the "same" 2-core machine kind has been different CPUs on
-  different days (measured matmul peaks of 316, 205 and 119 GFLOP/s), and
-  throughput numbers are only comparable on one CPU.
-  """
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
 def machine_info() -> dict:
   dev = jax.devices()[0]
   return {"platform": dev.platform, "device": dev.device_kind, "device_count": jax.device_count(),
-          "cpu_count": __import__("os").cpu_count(), "cpu_model": cpu_model(),
+          "cpu_count": os.cpu_count(), "cpu_model": cpu_model(),
           "machine": platform.machine(), "jax": jax.__version__}

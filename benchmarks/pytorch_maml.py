@@ -29,6 +29,8 @@ try:
 except ImportError:
   sys.exit("pip install torch==2.13.0 (CPU wheel) to run the PyTorch baseline")
 
+from advmaml.host import cpu_model  # jax-free; the project is installed (pip install -e .)
+
 N_WAY, K_SHOT, FILTERS, INNER_LR, OUTER_LR = 5, 1, 64, 0.4, 1e-3
 PGD = dict(epsilon=0.1, step_size=0.025, steps=7)  # L-inf, uniform random start
 WORKLOADS = {  # as advmaml/benchmark.py; throughput unit per step: 1 meta-step or meta_batch tasks
@@ -217,16 +219,6 @@ def self_check(model: str) -> None:
         f"d meta-loss / d conv0[1,0,1,2]: autograd {analytic:.8e}, finite difference {numeric:.8e}")
 
 
-def _cpu_model() -> str:
-  """/proc/cpuinfo's model name: the machine kind has been different CPUs on different days."""
-  if os.path.exists("/proc/cpuinfo"):
-    with open("/proc/cpuinfo") as f:
-      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    if names:
-      return names[0]
-  return platform.processor() or "unknown"
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="", help=f"comma-separated, from {sorted(WORKLOADS)}")
@@ -255,7 +247,7 @@ def main() -> None:
           f"[{r['throughput_min']:.2f}-{r['throughput_max']:.2f}]", flush=True)
   record = {"framework": "pytorch", "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": {"machine": platform.machine(), "processor": platform.processor(),
-                        "cpu_model": _cpu_model(),
+                        "cpu_model": cpu_model(),
                         "cpu_count": os.cpu_count(), "python": platform.python_version()},
             "workloads": results, "settings": {"repeats": args.repeats, "min_steps": args.min_steps,
                                                "min_seconds": args.min_seconds}}
