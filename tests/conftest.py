@@ -14,8 +14,12 @@ import pathlib
 import shutil
 import tempfile
 
-_JAX_CACHE = tempfile.mkdtemp(prefix="advmaml-test-xla-cache-")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
+# Only the process that creates the folder removes it: xdist workers inherit
+# the controller's, and a cache folder the user chose is left alone.
+_JAX_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _JAX_CACHE = tempfile.mkdtemp(prefix="advmaml-test-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
@@ -49,4 +53,5 @@ def isolated_cache(tmp_path, monkeypatch) -> pathlib.Path:
 
 def pytest_unconfigure(config):
   del config
-  shutil.rmtree(_JAX_CACHE, ignore_errors=True)
+  if _JAX_CACHE is not None:
+    shutil.rmtree(_JAX_CACHE, ignore_errors=True)
