@@ -7,11 +7,13 @@ on a synthetic uint8 class pool, and reports:
 * compile time (lower + compile, excluded from throughput);
 * throughput over ``repeats`` timed runs of ``min_steps`` steps or
   ``min_seconds`` seconds each, whichever comes first: median, min and max;
-* FLOPs per step from XLA's cost analysis of the compiled program, next to an
-  analytic count of the network's forward pass (XLA counts a loop body once, so
-  for loops with more than one trip the analytic figure is the one to trust);
-* achieved GFLOP/s and the fraction of the machine's float32 matmul peak,
-  measured by ``matmul_peak``;
+* FLOPs per step: the matmuls and convolutions of the traced step with every
+  loop trip counted (``advmaml.flops``), next to XLA's cost analysis of the
+  compiled program (which counts each loop body once, so it undercounts steps
+  with inner or attack loops) and an analytic count of the network's forward
+  pass per image;
+* achieved GFLOP/s (from the trip-counted FLOPs) and the fraction of the
+  machine's float32 matmul peak, measured by ``matmul_peak``;
 * peak memory: the device's allocator peak where it reports one (GPU), else the
   compiled program's argument + output + temporary bytes.
 """
@@ -32,6 +34,7 @@ import numpy as np
 
 from advmaml.config import Config, preset
 from advmaml.evaluation import _evaluate_batch, clean_accuracy
+from advmaml.flops import count_flops
 from advmaml.host import cpu_model
 from advmaml.meta_step import init_train_state, make_train_step
 from advmaml.objectives import get_objective
@@ -133,7 +136,8 @@ def _xla_flops(work: Workload, pool) -> float:
 
   The analysis counts a loop body once, so the task-chunked program (a scan over
   chunks) would be undercounted by the number of chunks; the all-at-once program
-  does the same arithmetic.
+  does the same arithmetic. Inner-step and attack loops are still counted once:
+  ``count_flops`` is the figure that counts them.
   """
   fn, args, _ = _build(dataclasses.replace(work, overrides={**work.overrides, "task_chunk": 0}),
                        pool)
@@ -153,7 +157,8 @@ def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  flops = _xla_flops(work, pool)
+  xla_flops = _xla_flops(work, pool)
+  flops = count_flops(fn, *args)
 
   state, rest = args[0], args[1:]
   state, out = fn(state, *rest)  # first call: warm-up, off the clock
@@ -178,7 +183,8 @@ def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
       "throughput_median": median * unit_per_step,
       "throughput_min": min(rates) * unit_per_step, "throughput_max": max(rates) * unit_per_step,
       "compile_s": compile_s, "repeats": repeats,
-      "flops_per_step_xla": flops,
+      "flops_per_step": flops,
+      "flops_per_step_xla": xla_flops,
       "forward_flops_per_image_analytic": conv4_forward_flops(cfg),
       "images_per_step": images,
       "gflops_achieved": flops * median / 1e9,
