@@ -11,11 +11,16 @@ training mode), which couples the examples of a batch. Every attack therefore
 
 ``AttackResult.correct`` is True for an example iff it was classified correctly
 at every batch the attack evaluated: the clean batch, every start point, every
-iterate and every restart. Robust accuracy (the mean of ``correct``) is thus
+iterate and every restart (with the default ``track_best=True``). Robust accuracy (the mean of ``correct``) is thus
 monotone by construction: it is at most the clean accuracy, and more restarts
 (restart ``r`` always draws from ``fold_in(key, r)``), more PGD steps at a fixed
 step size (PGD-k's trajectory is a prefix of PGD-2k's) or more attacks in
 :func:`worst_case` can only lower it.
+
+``track_best=False`` is the training-time attack of Madry et al. (2018): FGSM
+or PGD returns its last iterate after ``steps`` gradient evaluations, with no
+clean-batch evaluation and no per-example bookkeeping (PGD-7 then costs 7
+gradient evaluations, not 8 plus a forward). Evaluations keep the default.
 
 Everything is jittable and vmappable (e.g. over a leading task axis with
 per-task adapted parameters); ``cfg`` and ``logits_fn`` are static. Outputs are
@@ -63,6 +68,11 @@ class AttackConfig:
     targeted: move towards a random other class per example (drawn from the
       key, see :func:`target_labels`) instead of away from the true label.
     clip_min, clip_max: valid input range.
+    track_best: keep, per example, the strongest point of every evaluated
+      batch (the clean batch, the start, x_1 ... x_steps; robust accuracy is
+      then at most clean accuracy). False (FGSM/PGD, one restart): return the
+      last iterate x_steps after ``steps`` gradient evaluations, as adversarial
+      training does; ``correct`` then covers the evaluated x_0 ... x_{steps-1}.
   """
 
   name: str = "pgd"
@@ -76,6 +86,7 @@ class AttackConfig:
   targeted: bool = False
   clip_min: float = 0.0
   clip_max: float = 1.0
+  track_best: bool = True
 
   def __post_init__(self):
     if self.name not in _NAMES:
@@ -90,6 +101,9 @@ class AttackConfig:
       raise ValueError("steps and restarts must be >= 1")
     if self.clip_min > self.clip_max:
       raise ValueError("clip_min must be <= clip_max")
+    if not self.track_best and (self.name == "apgd" or self.restarts != 1):
+      raise ValueError("track_best=False (the last iterate) is for FGSM/PGD with one restart; "
+                       "APGD and restarts choose among points, so they need track_best=True")
 
   def resolved_step_size(self) -> float:
     """The step size actually used by FGSM/PGD."""
@@ -385,8 +399,36 @@ def _apgd_restart(cfg, evaluate, x, y, target, key, tr):
   return c["tr"]
 
 
+def _last_iterate(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> AttackResult:
+  """FGSM/PGD's final point after its gradient steps (``track_best=False``).
+
+  Starts where restart 0 of the tracking attack starts (same key use), so
+  both follow the same trajectory; only the bookkeeping differs.
+  """
+  params = lax.stop_gradient(params)
+  x = lax.stop_gradient(x)
+  num_classes = jax.eval_shape(logits_fn, params, x).shape[-1]
+  target = target_labels(key, y, num_classes) if cfg.targeted else None
+  evaluate = _make_evaluate(cfg, logits_fn, params, y, target)
+  _, k_runs = _split_key(key)
+  steps = 1 if cfg.name == "fgsm" else cfg.steps
+  step_size = cfg.resolved_step_size()
+
+  def body(_, carry):
+    xk, correct = carry
+    logits, _, g = evaluate(xk)
+    correct = correct & (jnp.argmax(logits, axis=-1) == y)
+    return project(xk + step_size * ascent_direction(g, cfg.norm), x, cfg), correct
+
+  x0 = random_start(jax.random.fold_in(k_runs, 0), x, cfg)
+  x_adv, correct = lax.fori_loop(0, steps, body, (x0, jnp.ones(y.shape, bool)))
+  return AttackResult(lax.stop_gradient(x_adv), correct)
+
+
 def _run(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> _Track:
   """Clean batch + all restarts of one attack, as a _Track."""
+  if not cfg.track_best:
+    raise ValueError("worst_case compares tracked attacks; use track_best=True")
   params = lax.stop_gradient(params)
   x = lax.stop_gradient(x)
   logits = logits_fn(params, x)
@@ -432,6 +474,8 @@ def attack(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> AttackR
   Returns:
     AttackResult with x_adv (B, H, W, C) and correct (B,).
   """
+  if not cfg.track_best:
+    return _last_iterate(cfg, logits_fn, params, x, y, key)
   tr = _run(cfg, logits_fn, params, x, y, key)
   return AttackResult(tr.x, tr.correct)
 

@@ -60,6 +60,7 @@ class Config:
   train_attack_steps: int = 7       # PGD-7 as in Madry et al. (2018); FGSM always takes 1
   train_step_size: float | None = None  # None: 2.5 * eps / steps (PGD), eps (FGSM)
   train_random_start: bool = True
+  train_attack_best: bool = False   # keep each example's strongest evaluated point, as evaluation does (one more gradient + a clean forward); False: the last iterate (Madry et al.). APGD always keeps the best
   trades_beta: float = 0.0          # aq: + beta * KL(p_clean || p_adv) on the query set (0: off)
   rmaml_beta: float = 5.0           # rmaml: weight of the TRADES KL term (Wang et al. 2021 Omniglot code)
   # Bookkeeping.
@@ -83,7 +84,20 @@ class Config:
     unknown = sorted(set(values) - known)
     if unknown:
       raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-    return cls(**values)
+    return cls(**with_legacy_defaults(values))
+
+
+# Fields added after runs were saved, with the value that reproduces what those
+# runs did (their config.json and checkpoints lack the key).
+LEGACY_DEFAULTS = {
+    # Before 2026-11-29 the training attack kept each example's best point.
+    "train_attack_best": True,
+}
+
+
+def with_legacy_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+  """A saved config dict with the fields it predates filled as the old code behaved."""
+  return {**LEGACY_DEFAULTS, **saved}
 
 
 _OMNIGLOT_5WAY = dict(n_way=5, inner_lr=0.4, inner_steps=1, meta_batch_size=32)
@@ -123,7 +137,8 @@ def train_attack_config(cfg: Config):
   return attacks.AttackConfig(
       name=cfg.train_attack, norm=cfg.train_norm, epsilon=cfg.train_epsilon,
       step_size=cfg.train_step_size, steps=cfg.train_attack_steps, restarts=1,
-      random_start=cfg.train_random_start, loss="ce")
+      random_start=cfg.train_random_start, loss="ce",
+      track_best=cfg.train_attack_best or cfg.train_attack == "apgd")
 
 
 def preset(name: str, **overrides) -> Config:

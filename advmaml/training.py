@@ -26,7 +26,7 @@ import optax
 from absl import logging
 
 from advmaml import checkpoint, sharding
-from advmaml.config import Config, ConfigError, validate, validate_against_data
+from advmaml.config import Config, ConfigError, validate, validate_against_data, with_legacy_defaults
 from advmaml.data.sources import load_class_splits
 from advmaml.evaluation import evaluate_episodes
 from advmaml.maml import Learner
@@ -114,7 +114,7 @@ def check_or_write_config(workdir: pathlib.Path, cfg: Config) -> None:
   """Writes config.json, or checks a resumed run's config agrees with it."""
   path = workdir / "config.json"
   if path.exists():
-    saved = json.loads(path.read_text())
+    saved = with_legacy_defaults(json.loads(path.read_text()))
     current = dataclasses.asdict(cfg)
     diff = sorted(k for k in set(saved) | set(current)
                   if saved.get(k) != current.get(k) and k not in RESUMABLE_CHANGES)

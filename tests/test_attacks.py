@@ -5,6 +5,7 @@ that runs all the attacks it compares, and test data come from numpy (every
 eager JAX op would be a compile of its own).
 """
 
+import dataclasses
 import functools
 
 import chex
@@ -223,9 +224,16 @@ def test_closed_form_worst_case_binary_linear():
       AttackConfig(name="pgd", steps=30, step_size=eps / 2, **l2),
       AttackConfig(name="fgsm", random_start=False, **l2),
       AttackConfig(name="apgd", steps=30, **l2),
+      # The training-time variants: the last iterate, no bookkeeping.
+      AttackConfig(name="pgd", steps=10, track_best=False, **linf),
+      AttackConfig(name="fgsm", random_start=False, track_best=False, **linf),
   ]
   res, _, _ = _run_all(cfgs, linear_logits, params, x, y, jax.random.key(2))
+  res, last = res[:6], res[6:]
   m = [_true_margin(params, r.x_adv, y) for r in res]
+  for r in last:
+    np.testing.assert_allclose(_true_margin(params, r.x_adv, y), linf_min, atol=1e-4)
+  np.testing.assert_array_equal(last[1].x_adv, res[1].x_adv)
   np.testing.assert_allclose(m[0], linf_min, atol=1e-4)
   np.testing.assert_allclose(m[1], linf_min, atol=1e-5)  # FGSM is exact here
   np.testing.assert_allclose(m[2], linf_min, atol=1e-4)
@@ -283,11 +291,13 @@ def test_zero_robust_accuracy_at_eps_one():
       AttackConfig(name="apgd", epsilon=1.0, loss="dlr"),
       AttackConfig(name="fgsm", epsilon=1.0, loss="margin", random_start=False),
       AttackConfig(name="pgd", epsilon=0.02, loss="ce"),
+      AttackConfig(name="pgd", epsilon=1.0, loss="ce", track_best=False),
   ]
   res, _, preds = _run_all(cfgs, linear_logits, params, x, y, jax.random.key(8))
   for r, pred in zip(res[:3], preds):
     assert not np.any(r.correct)
     assert np.all(pred != y)
+  assert np.all(preds[4] != y)  # the last iterate alone reaches 0% too
   assert 0.0 < res[3].correct.mean() < 1.0  # a smaller ball leaves some correct
 
 
@@ -520,3 +530,46 @@ def test_jit_does_not_retrace():
   # The counter is live: a new shape forces a second trace.
   with pytest.raises(AssertionError):
     run(params, x[:4], y[:4], jax.random.key(0))
+
+
+def test_last_iterate_is_plain_pgd_and_costs_steps_gradients(trained_mlp):
+  """track_best=False against a hand-written PGD loop (same start), on the
+  batch-coupled MLP, and its cost: `steps` forward+backward passes, where the
+  tracked attack takes one more plus a clean forward."""
+  from advmaml.flops import count_flops
+  params, x, y = trained_mlp
+  x, y = x[:32], y[:32]
+  key = jax.random.key(21)
+  cfg = AttackConfig(name="pgd", epsilon=0.1, steps=7, step_size=0.025, loss="ce",
+                     track_best=False)
+
+  def reference(params, x, y, key):
+    xk = A.random_start(jax.random.fold_in(jax.random.split(key)[1], 0), x, cfg)
+    ce = lambda xb: -jnp.sum(jax.nn.log_softmax(mlp_bn_logits(params, xb))[jnp.arange(32), y])
+    for _ in range(7):
+      xk = jnp.clip(jnp.clip(xk + 0.025 * jnp.sign(jax.grad(ce)(xk)) - x, -0.1, 0.1) + x, 0, 1)
+    return xk
+
+  ours = jit(lambda *a: A.attack(cfg, mlp_bn_logits, *a))(params, x, y, key)
+  np.testing.assert_allclose(ours.x_adv, jit(reference)(params, x, y, key), atol=1e-6)
+  clean = np.argmax(mlp_bn_logits(params, x), -1) == y
+  assert np.mean(np.argmax(mlp_bn_logits(params, ours.x_adv), -1) == y) < np.mean(clean)
+
+  flops = lambda c: count_flops(lambda *a: A.attack(c, mlp_bn_logits, *a).x_adv,
+                                params, x, y, key)
+  one_step = flops(dataclasses.replace(cfg, steps=1))
+  forward = count_flops(mlp_bn_logits, params, x)
+  assert flops(cfg) == 7 * one_step
+  assert flops(dataclasses.replace(cfg, track_best=True)) == 8 * one_step + forward
+
+
+def test_last_iterate_refuses_what_needs_a_choice_of_points():
+  with pytest.raises(ValueError, match="track_best"):
+    AttackConfig(name="apgd", track_best=False)
+  with pytest.raises(ValueError, match="track_best"):
+    AttackConfig(name="pgd", restarts=2, track_best=False)
+  x, y = np.zeros((2,) + HW, np.float32), np.zeros(2, np.int32)
+  params = {"w": np.zeros((D, 2), np.float32), "b": np.zeros(2, np.float32)}
+  with pytest.raises(ValueError, match="track_best=True"):
+    A.worst_case([AttackConfig(track_best=False)], linear_logits, params, x, y,
+                 jax.random.key(0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import subprocess
 import sys
 
@@ -317,9 +318,25 @@ def test_train_attack_config_maps_the_flags():
   cfg = config.Config(train_attack="fgsm", train_norm="l2", train_epsilon=0.3,
                       train_attack_steps=3, train_step_size=0.2, train_random_start=False)
   assert config.train_attack_config(cfg) == attacks.AttackConfig(
-      "fgsm", "l2", epsilon=0.3, step_size=0.2, steps=3, restarts=1, random_start=False)
+      "fgsm", "l2", epsilon=0.3, step_size=0.2, steps=3, restarts=1, random_start=False,
+      track_best=False)
   default = config.train_attack_config(config.Config())
   assert default.resolved_step_size() == pytest.approx(2.5 * 0.1 / 7)
+  # Training takes PGD's last iterate unless asked; APGD always keeps its best point.
+  assert not default.track_best
+  assert config.train_attack_config(config.Config(train_attack_best=True)).track_best
+  assert config.train_attack_config(config.Config(train_attack="apgd")).track_best
+
+
+def test_runs_saved_before_train_attack_best_resume_as_they_ran(tmp_path):
+  from advmaml.training import check_or_write_config
+  old = json.loads(config.Config(objective="aq").to_json())
+  del old["train_attack_best"]  # what a config.json from before the field holds
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert config.Config.from_dict(old).train_attack_best
+  with pytest.raises(config.ConfigError, match="--train_attack_best: saved True vs now False"):
+    check_or_write_config(tmp_path, config.Config(objective="aq"))
+  check_or_write_config(tmp_path, config.Config(objective="aq", train_attack_best=True))
 
 
 @pytest.mark.parametrize("changes, flag", [
