@@ -30,6 +30,9 @@ REMAT = flags.DEFINE_bool("remat", None, "Override the workloads' inner-loop rem
 INNER_STEPS = flags.DEFINE_integer("inner_steps", None, "Override the workloads' inner steps.")
 TASK_CHUNK = flags.DEFINE_integer("task_chunk", None, "Override the tasks differentiated together "
                                   "(train workloads; 0: the whole meta-batch).")
+TRAIN_ATTACK_BEST = flags.DEFINE_bool(
+    "train_attack_best", None, "Override B3's training attack: keep each example's strongest "
+    "iterate (the rule before 2026-11-29) instead of PGD's last iterate.")
 
 
 def main(argv):
@@ -47,7 +50,8 @@ def main(argv):
                peak["gflops_min"], peak["gflops_max"])
   overrides = {k: v for k, v in (("conv_impl", CONV_IMPL.value), ("remat", REMAT.value),
                                     ("inner_steps", INNER_STEPS.value),
-                                    ("task_chunk", TASK_CHUNK.value)) if v is not None}
+                                    ("task_chunk", TASK_CHUNK.value),
+                                    ("train_attack_best", TRAIN_ATTACK_BEST.value)) if v is not None}
   results = []
   for name in names:
     work = benchmark.WORKLOADS[name]
@@ -57,7 +61,7 @@ def main(argv):
                                min_steps=MIN_STEPS.value, min_seconds=MIN_SECONDS.value,
                                peak_gflops=peak["gflops_median"])
     results.append(r)
-    print(f"{name:<12} {r['throughput_median']:8.2f} {r['unit']:<12} "
+    print(f"{r['workload']:<12} {r['throughput_median']:8.2f} {r['unit']:<12} "
           f"[{r['throughput_min']:.2f}-{r['throughput_max']:.2f}]  compile {r['compile_s']:5.1f}s  "
           f"{r['gflops_achieved']:6.1f} GFLOP/s ({100 * r['fraction_of_matmul_peak']:.0f}% of peak)  "
           f"mem {r['peak_bytes'] / 2**20:.0f} MiB", flush=True)
