@@ -11,8 +11,9 @@ training mode), which couples the examples of a batch. Every attack therefore
 
 ``AttackResult.correct`` is True for an example iff it was classified correctly
 at every batch the attack evaluated: the clean batch, every start point, every
-iterate and every restart (with the default ``track_best=True``). Robust accuracy (the mean of ``correct``) is thus
-monotone by construction: it is at most the clean accuracy, and more restarts
+iterate and every restart (with the default ``track_best=True``). Robust
+accuracy (the mean of ``correct``) is thus monotone by construction: it is at
+most the clean accuracy, and more restarts
 (restart ``r`` always draws from ``fold_in(key, r)``), more PGD steps at a fixed
 step size (PGD-k's trajectory is a prefix of PGD-2k's) or more attacks in
 :func:`worst_case` can only lower it.

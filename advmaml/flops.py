@@ -38,7 +38,8 @@ def _conv_flops(eqn) -> int:
   # rhs_spec: (out feature dim, in feature dim, spatial dims...).
   in_features = rhs[dn.rhs_spec[1]]
   window = math.prod(rhs[d] for d in dn.rhs_spec[2:])
-  # Batch-grouped convs (from transposing grouped ones) also use in_features per output.
+  # Exact for feature-grouped convs (the kernel's in-feature dim is already C / groups);
+  # batch-grouped ones (weight gradients of grouped convs) are counted alike, unchecked.
   return 2 * math.prod(out) * window * in_features
 
 
