@@ -106,6 +106,10 @@ class AttackConfig:
       raise ValueError("track_best=False (the last iterate) is for FGSM/PGD with one restart; "
                        "APGD and restarts choose among points, so they need track_best=True")
 
+  def resolved_steps(self) -> int:
+    """The gradient steps FGSM/PGD take: FGSM always one."""
+    return 1 if self.name == "fgsm" else self.steps
+
   def resolved_step_size(self) -> float:
     """The step size actually used by FGSM/PGD."""
     if self.step_size is not None:
@@ -252,6 +256,11 @@ def _split_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
   return k_target, k_runs
 
 
+def _restart_key(key: jax.Array, r) -> jax.Array:
+  """The key restart ``r`` draws its start from (the last-iterate attack uses r = 0)."""
+  return jax.random.fold_in(_split_key(key)[1], r)
+
+
 def target_labels(key: jax.Array, y: jax.Array, num_classes: int) -> jax.Array:
   """The targets (B,) a targeted attack called with `key` uses: uniform over
   the classes other than y."""
@@ -300,6 +309,12 @@ def _make_evaluate(cfg, logits_fn, params, y, target):
   return evaluate
 
 
+def pgd_step(xk, g, x, cfg: AttackConfig, step_size) -> jax.Array:
+  """One FGSM/PGD/APGD step: xk (B, H, W, C) moved step_size along the steepest
+  ascent direction of the gradient g, projected into x's ball and the box."""
+  return project(xk + step_size * ascent_direction(g, cfg.norm), x, cfg)
+
+
 def _pgd_restart(cfg, evaluate, x, y, target, key, tr, steps, step_size):
   """One PGD run: evaluates x_0, ..., x_steps (steps+1 gradient evaluations,
   the last update is discarded) so that PGD-k's evaluations are a prefix of
@@ -310,8 +325,7 @@ def _pgd_restart(cfg, evaluate, x, y, target, key, tr, steps, step_size):
     xk, tr = carry
     logits, obj, g = evaluate(xk)
     tr = _track_update(tr, xk, logits, obj, y, target)
-    x_next = project(xk + step_size * ascent_direction(g, cfg.norm), x, cfg)
-    return x_next, tr
+    return pgd_step(xk, g, x, cfg, step_size), tr
 
   _, tr = lax.fori_loop(0, steps + 1, body, (x0, tr))
   return tr
@@ -364,7 +378,7 @@ def _apgd_restart(cfg, evaluate, x, y, target, key, tr):
     k, ckpt, win = xs
     eta = _bcast(c["eta"], x)
     x_cur = c["x_cur"]
-    z = project(x_cur + eta * ascent_direction(c["g_cur"], cfg.norm), x, cfg)
+    z = pgd_step(x_cur, c["g_cur"], x, cfg, eta)
     a = _APGD_MOMENTUM
     x_mom = project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - c["x_prev"]), x, cfg)
     x_new = jnp.where(k == 0, z, x_mom)
@@ -411,18 +425,17 @@ def _last_iterate(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> 
   num_classes = jax.eval_shape(logits_fn, params, x).shape[-1]
   target = target_labels(key, y, num_classes) if cfg.targeted else None
   evaluate = _make_evaluate(cfg, logits_fn, params, y, target)
-  _, k_runs = _split_key(key)
-  steps = 1 if cfg.name == "fgsm" else cfg.steps
   step_size = cfg.resolved_step_size()
 
   def body(_, carry):
     xk, correct = carry
     logits, _, g = evaluate(xk)
     correct = correct & (jnp.argmax(logits, axis=-1) == y)
-    return project(xk + step_size * ascent_direction(g, cfg.norm), x, cfg), correct
+    return pgd_step(xk, g, x, cfg, step_size), correct
 
-  x0 = random_start(jax.random.fold_in(k_runs, 0), x, cfg)
-  x_adv, correct = lax.fori_loop(0, steps, body, (x0, jnp.ones(y.shape, bool)))
+  x0 = random_start(_restart_key(key, 0), x, cfg)
+  x_adv, correct = lax.fori_loop(0, cfg.resolved_steps(), body,
+                                 (x0, jnp.ones(y.shape, bool)))
   return AttackResult(lax.stop_gradient(x_adv), correct)
 
 
@@ -444,14 +457,13 @@ def _run(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> _Track:
   # The clean batch counts as evaluated: robust accuracy <= clean accuracy.
   tr = _track_update(tr, x, logits, attack_objective(logits, y, cfg.loss, target), y, target)
   evaluate = _make_evaluate(cfg, logits_fn, params, y, target)
-  _, k_runs = _split_key(key)
 
   def one_restart(r, tr):
-    k = jax.random.fold_in(k_runs, r)
+    k = _restart_key(key, r)
     if cfg.name == "apgd":
       return _apgd_restart(cfg, evaluate, x, y, target, k, tr)
-    steps = 1 if cfg.name == "fgsm" else cfg.steps
-    return _pgd_restart(cfg, evaluate, x, y, target, k, tr, steps, cfg.resolved_step_size())
+    return _pgd_restart(cfg, evaluate, x, y, target, k, tr, cfg.resolved_steps(),
+                        cfg.resolved_step_size())
 
   tr = lax.fori_loop(0, cfg.restarts, one_restart, tr)
   return jax.tree.map(lax.stop_gradient, tr)
@@ -526,6 +538,6 @@ def worst_case(
 
 __all__ = [
     "AttackConfig", "AttackResult", "attack", "fgsm", "pgd", "apgd", "worst_case",
-    "perturbation_norm", "project", "attack_objective", "margin_loss",
+    "perturbation_norm", "project", "pgd_step", "attack_objective", "margin_loss",
     "target_labels", "apgd_checkpoints",
 ]

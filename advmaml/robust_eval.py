@@ -165,7 +165,7 @@ def poison_support(learner: Learner, meta_params: dict, episode: Episode, key: j
 
   for i, cfg in enumerate(cfgs):
     k_attack = jax.random.fold_in(key, i)
-    steps = 1 if cfg.name == "fgsm" else cfg.steps
+    steps = cfg.resolved_steps()
     step_size = cfg.resolved_step_size()
 
     def total(s, loss=cfg.loss):
@@ -184,7 +184,7 @@ def poison_support(learner: Learner, meta_params: dict, episode: Episode, key: j
         s, tr = carry
         (_, logits), g = grad_fn(s)
         tr = record(tr, s, logits)
-        s = attacks.project(s + step_size * attacks.ascent_direction(g, cfg.norm), sx, cfg)
+        s = attacks.pgd_step(s, g, sx, cfg, step_size)
         return s, tr
 
       return lax.fori_loop(0, steps + 1, body, (s0, tr))[1]

@@ -96,10 +96,9 @@ def kl_attack(cfg: attacks.AttackConfig, logits_fn, params, x: jax.Array,
   step_size = cfg.resolved_step_size()
 
   def step(_, xa):
-    return attacks.project(xa + step_size * attacks.ascent_direction(grad_fn(xa), cfg.norm), x, cfg)
+    return attacks.pgd_step(xa, grad_fn(xa), x, cfg, step_size)
 
-  steps = 1 if cfg.name == "fgsm" else cfg.steps
-  x_adv = lax.fori_loop(0, steps, step, _kl_start(key, x, cfg))
+  x_adv = lax.fori_loop(0, cfg.resolved_steps(), step, _kl_start(key, x, cfg))
   return lax.stop_gradient(x_adv)
 
 
