@@ -21,8 +21,8 @@ from jax.extend import core as jex_core
 
 
 def _dot_general_flops(eqn) -> int:
-  """2 * batch * M * N * K for ``dot_general``; shapes from the operands."""
-  (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+  """2 * batch * M * N * K for ``dot_general``: output elements times contracted length."""
+  (lhs_contract, _), _ = eqn.params["dimension_numbers"]
   lhs = eqn.invars[0].aval.shape
   out = eqn.outvars[0].aval.shape
   contracted = math.prod(lhs[d] for d in lhs_contract)
