@@ -59,6 +59,35 @@ def conv2d_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+@jax.custom_vjp
+def _narrow_patches_matmul(patches: jax.Array, weights: jax.Array) -> jax.Array:
+  """patches @ weights for patches with fewer columns than outputs (K < O).
+
+  patches: (..., K), weights: (K, O) -> (..., O). Same values and gradients as
+  ``@``; only the weight gradient's operand order differs. JAX's transpose of
+  ``@`` writes it as g^T @ patches, which XLA's CPU backend runs by transposing
+  the output gradient g (..., O), through a loop fused with batch norm's
+  backward that reads g at an O-float stride; patches^T @ g transposes the
+  O/K times smaller patches instead.
+  """
+  return patches @ weights
+
+
+def _narrow_patches_matmul_fwd(patches, weights):
+  return patches @ weights, (patches, weights)
+
+
+def _narrow_patches_matmul_bwd(residuals, g):
+  patches, weights = residuals
+  positions = tuple(range(patches.ndim - 1))
+  # (K, O) = patches^T g over all position axes; written patches-first on purpose.
+  grad_weights = jnp.tensordot(patches, g, axes=(positions, positions))
+  return g @ weights.T, grad_weights
+
+
+_narrow_patches_matmul.defvjp(_narrow_patches_matmul_fwd, _narrow_patches_matmul_bwd)
+
+
 def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   """Same result as ``conv2d_xla``, computed as patches @ kernel.
 
@@ -70,7 +99,10 @@ def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   patches = jnp.concatenate([
       xp[:, di:di + (ho - 1) * stride + 1:stride, dj:dj + (wo - 1) * stride + 1:stride, :]
       for di in range(kh) for dj in range(kw)], axis=-1)
-  return patches @ kernel.reshape(kh * kw * cin, cout)
+  weights = kernel.reshape(kh * kw * cin, cout)
+  if kh * kw * cin < cout:
+    return _narrow_patches_matmul(patches, weights)
+  return patches @ weights
 
 
 def conv2d_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
