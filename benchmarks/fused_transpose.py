@@ -9,38 +9,24 @@ writes g column by column: every read is a stride of O floats apart. This
 times, for g of P x 64 floats (P = 58,800 is the first layer's positions on one
 task's 75 query images, 14,700 the second layer's): the elementwise op alone,
 a plain transpose of a ready array, and the two fused (what XLA builds).
-Milliseconds, median of 5 runs of 50 calls.
+Milliseconds, best of 3 runs of 50 calls.
 """
 
-import time
-
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-
-def median_ms(fn, *args, calls=50):
-  jax.block_until_ready(fn(*args))
-  runs = []
-  for _ in range(5):
-    t0 = time.perf_counter()
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    runs.append((time.perf_counter() - t0) / calls * 1e3)
-  return float(np.median(runs))
+from conv_variants import best_ms  # benchmarks/ is on sys.path when run as a script
 
 
 def main() -> None:
-  print(f"g: P x 64 float32; ms, median of 5 x 50 calls; {jax.devices()[0].device_kind}")
+  print(f"g: P x 64 float32; ms, best of 3 x 50 calls; {jax.devices()[0].device_kind}")
   print(f"{'P':>6} {'elementwise':>12} {'transpose':>10} {'fused':>8}")
   for positions in (14_700, 58_800):
     a = jax.random.normal(jax.random.key(0), (positions, 64))
     b = jax.random.normal(jax.random.key(1), (positions, 64))
     s = jax.random.normal(jax.random.key(2), (64,))
-    elementwise = median_ms(jax.jit(lambda a, b, s: a * s + b * s - s), a, b, s)
-    plain = median_ms(jax.jit(lambda a: a.T), a)
-    fused = median_ms(jax.jit(lambda a, b, s: (a * s + b * s - s).T), a, b, s)
+    elementwise = best_ms(lambda a, b, s: a * s + b * s - s, a, b, s)
+    plain = best_ms(lambda a: a.T, a)
+    fused = best_ms(lambda a, b, s: (a * s + b * s - s).T, a, b, s)
     print(f"{positions:>6} {elementwise:>12.2f} {plain:>10.2f} {fused:>8.2f}")
 
 
