@@ -26,6 +26,8 @@ Convolutions come in numerically equivalent implementations (``conv_impl``):
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -197,18 +199,51 @@ class Conv(nn.Module):
     return conv(x, kernel, self.stride)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_stat_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+  """(x - mean) / sqrt(var + epsilon) * scale + bias over all axes but the last.
+
+  x: (..., C), scale and bias: (C,) -> (..., C). The backward pass is the
+  closed form dx = scale / sqrt(var + eps) * (g - mean(g) - xhat * mean(g * xhat)),
+  which needs only the two reductions the scale and bias gradients take anyway;
+  differentiating the forward would add two more passes over x for the mean's
+  and the variance's paths.
+  """
+  return _batch_stat_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_stat_norm_fwd(x, scale, bias, epsilon):
+  axes = tuple(range(x.ndim - 1))
+  mean = x.mean(axes)
+  centred = x - mean
+  inv_std = lax.rsqrt(jnp.square(centred).mean(axes) + epsilon)
+  normed = centred * inv_std
+  return normed * scale + bias, (normed, inv_std, scale)
+
+
+def _batch_stat_norm_bwd(epsilon, residuals, g):
+  del epsilon
+  normed, inv_std, scale = residuals
+  axes = tuple(range(g.ndim - 1))
+  count = math.prod(g.shape[:-1])
+  grad_bias = g.sum(axes)
+  grad_scale = (g * normed).sum(axes)
+  grad_x = (scale * inv_std) * (g - (grad_bias + normed * grad_scale) / count)
+  return grad_x, grad_scale, grad_bias
+
+
+batch_stat_norm.defvjp(_batch_stat_norm_fwd, _batch_stat_norm_bwd)
+
+
 class BatchStatNorm(nn.Module):
   """Batch norm from the current batch's statistics only (MAML-style), learned scale and bias."""
   epsilon: float = 1e-5
 
   @nn.compact
   def __call__(self, x):
-    axes = tuple(range(x.ndim - 1))
-    mean = x.mean(axes)
-    var = jnp.square(x - mean).mean(axes)
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
-    return (x - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
+    return batch_stat_norm(x, scale, bias, self.epsilon)
 
 
 class Conv4(nn.Module):
