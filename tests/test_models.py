@@ -21,14 +21,13 @@ from advmaml.models import (conv2d_im2col, conv2d_taps, conv2d_winograd, conv2d_
 def test_fast_convs_match_xla_conv(conv, size, stride, cin):
   kx, kw = jax.random.split(jax.random.key(size + stride))
   x = jax.random.normal(kx, (3, size, size, cin))
-  # 12 filters: the single-channel cases take im2col's narrow-patches path (9 < 12).
-  w = jax.random.normal(kw, (3, 3, cin, 12))
+  # Single-channel inputs get 12 filters, so im2col takes its narrow-patches path (9 < 12).
+  w = jax.random.normal(kw, (3, 3, cin, 12 if cin == 1 else 6))
   np.testing.assert_allclose(conv(x, w, stride), conv2d_xla(x, w, stride), rtol=1e-5, atol=1e-5)
   loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, stride)))
   g_fast = jax.grad(loss(conv), argnums=(0, 1))(x, w)
   g_ref = jax.grad(loss(conv2d_xla), argnums=(0, 1))(x, w)
-  # Weight gradients reach ~40 as sums of ~600 products; 5e-4 is float32 rounding at that scale.
-  chex.assert_trees_all_close(g_fast, g_ref, rtol=1e-4, atol=5e-4)
+  chex.assert_trees_all_close(g_fast, g_ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("conv", [conv2d_im2col, conv2d_taps, conv2d_winograd])
