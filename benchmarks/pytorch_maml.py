@@ -29,7 +29,7 @@ try:
 except ImportError:
   sys.exit("pip install torch==2.13.0 (CPU wheel) to run the PyTorch baseline")
 
-from advmaml.host import cpu_model  # jax-free; the project is installed (pip install -e .)
+from advmaml.host import cpu_model, keep_freed_memory  # jax-free; the project is installed (pip install -e .)
 
 N_WAY, K_SHOT, FILTERS, INNER_LR, OUTER_LR = 5, 1, 64, 0.4, 1e-3
 PGD = dict(epsilon=0.1, step_size=0.025, steps=7)  # L-inf, uniform random start
@@ -230,7 +230,11 @@ def main() -> None:
   parser.add_argument("--threads", type=int, default=os.cpu_count())
   parser.add_argument("--output", help="JSON output path (default: print only)")
   parser.add_argument("--check", action="store_true", help="run the quick self-check and exit")
+  parser.add_argument("--keep_freed_memory", action="store_true",
+                      help="glibc malloc reuses freed memory instead of page-faulting it afresh "
+                      "(advmaml.host.keep_freed_memory; as advmaml's --keep_freed_memory)")
   args = parser.parse_args()
+  kept = keep_freed_memory() if args.keep_freed_memory else False
   torch.set_num_threads(args.threads)
   if args.check:
     return self_check(args.model)
@@ -250,7 +254,8 @@ def main() -> None:
                         "cpu_model": cpu_model(),
                         "cpu_count": os.cpu_count(), "python": platform.python_version()},
             "workloads": results, "settings": {"repeats": args.repeats, "min_steps": args.min_steps,
-                                               "min_seconds": args.min_seconds}}
+                                               "min_seconds": args.min_seconds,
+                                               "keep_freed_memory": kept}}
   if args.output:
     directory = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(directory, exist_ok=True)

@@ -8,7 +8,10 @@ round and each workload, ``python -m experiments.benchmark`` and then
 ``benchmarks/pytorch_maml.py`` for the same workload, each as its own process
 (one timed repeat of ``--min_seconds``; compilation and warm-up excluded), and
 reports per workload both throughputs and the ratio ours / PyTorch of each
-round, with the median and min-max over rounds. Needs PyTorch
+round, with the median and min-max over rounds. ``--malloc=keep`` runs both
+sides with glibc's malloc reusing freed memory (``advmaml.host.
+keep_freed_memory``), which PyTorch gains up to 30% from (notes section 14).
+Needs PyTorch
 (``pip install torch==2.13.0``).
 """
 
@@ -46,6 +49,10 @@ def main() -> None:
   parser.add_argument("--model", choices=("maxpool", "strided"), default="maxpool")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--min_seconds", type=float, default=20.0)
+  parser.add_argument("--malloc", choices=("system", "keep"), default="system",
+                      help="glibc malloc settings for both processes: system (glibc's defaults, "
+                      "as each framework runs out of the box) or keep (reuse freed memory "
+                      "instead of page-faulting it afresh; --keep_freed_memory on both sides)")
   parser.add_argument("--output", help="JSON output path (default: print only)")
   args = parser.parse_args()
   names = [n for n in args.configs.split(",") if n]
@@ -53,14 +60,17 @@ def main() -> None:
     parser.error("--rounds and --min_seconds must be positive and --configs non-empty")
   suffix = "-strided" if args.model == "strided" else ""
   timing = ["--repeats=1", "--min_steps=1000", f"--min_seconds={args.min_seconds}"]
+  keep = args.malloc == "keep"  # the same allocator setting on both sides
+  ours_malloc = ["--keep_freed_memory" if keep else "--nokeep_freed_memory"]
+  torch_malloc = ["--keep_freed_memory"] if keep else []
   ours, theirs, machine = {n: [] for n in names}, {n: [] for n in names}, {}
   for r in range(args.rounds):
     for name in names:
       ours_rate, machine["ours"] = _throughput(
-          [sys.executable, "-m", "experiments.benchmark", f"--config={name}{suffix}", *timing])
+          [sys.executable, "-m", "experiments.benchmark", f"--config={name}{suffix}", *timing, *ours_malloc])
       torch_rate, machine["pytorch"] = _throughput(
           [sys.executable, str(HERE / "pytorch_maml.py"), f"--config={name}",
-           f"--model={args.model}", *timing])
+           f"--model={args.model}", *timing, *torch_malloc])
       ours[name].append(ours_rate)
       theirs[name].append(torch_rate)
       print(f"round {r + 1} {name}{suffix:<9} ours {ours_rate:8.3f}  pytorch {torch_rate:8.3f}  "
@@ -75,7 +85,7 @@ def main() -> None:
           f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]")
   record = {"machine": machine, "workloads": results,
             "settings": {"rounds": args.rounds, "min_seconds": args.min_seconds,
-                         "model": args.model}}
+                         "model": args.model, "malloc": args.malloc}}
   if args.output:
     path = pathlib.Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from absl import app, flags, logging
 from advmaml import benchmark
 from advmaml.models import CONV_IMPLS
 from advmaml.trained_runs import write_json
+from experiments import malloc_flag
 
 CONFIG = flags.DEFINE_list("config", [], f"Workloads to run, from {sorted(benchmark.WORKLOADS)}.")
 ALL = flags.DEFINE_bool("all", False, "Run every workload.")
@@ -38,6 +39,7 @@ TRAIN_ATTACK_BEST = flags.DEFINE_bool(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  keep_freed_memory = malloc_flag.apply()
   names = sorted(benchmark.WORKLOADS) if ALL.value else CONFIG.value
   unknown = [n for n in names if n not in benchmark.WORKLOADS]
   if unknown or not names:
@@ -67,7 +69,8 @@ def main(argv):
           f"mem {r['peak_bytes'] / 2**20:.0f} MiB", flush=True)
   record = {"machine": benchmark.machine_info(), "matmul_peak": peak, "workloads": results,
             "settings": {"repeats": REPEATS.value, "min_steps": MIN_STEPS.value,
-                         "min_seconds": MIN_SECONDS.value, "overrides": overrides}}
+                         "min_seconds": MIN_SECONDS.value, "overrides": overrides,
+                         "keep_freed_memory": keep_freed_memory}}
   if OUTPUT.value:
     write_json(pathlib.Path(OUTPUT.value), record)
     logging.info("written to %s", OUTPUT.value)

@@ -25,6 +25,7 @@ from advmaml.data.omniglot import DataError
 from advmaml.trained_runs import evaluate_trained, load_trained, write_json
 from experiments.attack_flags import (AttackSettings, attack_record, attack_settings_from_flags,
                                       metric_fn_from_settings)
+from experiments import malloc_flag
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, or a checkpoint folder/file.",
                               required=True)
@@ -62,6 +63,7 @@ def _write_plots(run, splits, record, settings: AttackSettings, folder: pathlib.
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  malloc_flag.apply()
   if EPISODES.value is not None and EPISODES.value < 1:
     raise app.UsageError(f"--episodes={EPISODES.value} must be at least 1")
   settings = attack_settings_from_flags()  # before loading anything: fail fast

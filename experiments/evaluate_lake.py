@@ -19,6 +19,7 @@ from advmaml.data.omniglot import DataError
 from advmaml.lake_eval import check_model_fits_lake, evaluate_lake
 from advmaml.trained_runs import load_checkpointed_run, write_json
 from experiments.attack_flags import attack_record, attack_settings_from_flags, metric_fn_from_settings
+from experiments import malloc_flag
 
 RUNS = flags.DEFINE_string("runs", None, "Lake's all_runs.zip, or the folder it extracts to.",
                            required=True)
@@ -32,6 +33,7 @@ OUTPUT = flags.DEFINE_string("output", None, "JSON output path (default <workdir
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  malloc_flag.apply()
   settings = attack_settings_from_flags()
   try:
     run = load_checkpointed_run(WORKDIR.value)

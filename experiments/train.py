@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from advmaml.config import ConfigError
 from advmaml.data.omniglot import DataError
 from advmaml.training import train
-from experiments import config_flags
+from experiments import config_flags, malloc_flag
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Folder for config, metrics and checkpoints.",
                               required=True)
@@ -30,6 +30,7 @@ config_flags.define_config_flags()
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  malloc_flag.apply()
   if COORDINATOR.value or DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=COORDINATOR.value,
                                num_processes=NUM_PROCESSES.value, process_id=PROCESS_ID.value)
