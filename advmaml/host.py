@@ -42,7 +42,7 @@ def keep_freed_memory() -> bool:
   whether it applied (False off Linux/glibc, e.g. macOS or musl).
 
   Measured on a 2-core Xeon (docs/benchmark_notes.md section 14): our
-  jitted steps gain 0-5%, PyTorch's per-op allocations 5-30%.
+  jitted steps moved -4 to +8% (within the drift), PyTorch's +1 to +32%.
   """
   import ctypes  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel

@@ -10,7 +10,7 @@ round and each workload, ``python -m experiments.benchmark`` and then
 reports per workload both throughputs and the ratio ours / PyTorch of each
 round, with the median and min-max over rounds. ``--malloc=keep`` runs both
 sides with glibc's malloc reusing freed memory (``advmaml.host.
-keep_freed_memory``), which PyTorch gains up to 30% from (notes section 14).
+keep_freed_memory``), which PyTorch gains up to 32% from (notes section 14).
 Needs PyTorch
 (``pip install torch==2.13.0``).
 """

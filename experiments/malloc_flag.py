@@ -18,8 +18,8 @@ KEEP_FREED_MEMORY = flags.DEFINE_bool(
     "keep_freed_memory", False,
     "Tell glibc's malloc to keep and reuse freed memory (no mmap, no trimming), so that "
     "each step's temporaries do not page-fault afresh; the process keeps its peak heap "
-    "until it exits. Off by default: it gained our steps 0-5% on a 2-core Xeon, within "
-    "the drift (docs/benchmark_notes.md section 14). No effect off Linux/glibc.")
+    "until it exits. Off by default: it moved our steps by -4 to +8% on a 2-core Xeon, "
+    "within the drift (docs/benchmark_notes.md section 14). No effect off Linux/glibc.")
 
 
 def apply() -> bool:
