@@ -1,5 +1,7 @@
-"""Facts about the host CPU, for benchmark records. Imports no JAX, so the
-PyTorch baseline (``benchmarks/pytorch_maml.py``) records the same facts."""
+"""The host: CPU facts for benchmark records, and glibc's allocator setting.
+
+Imports no JAX, so the PyTorch baseline (``benchmarks/pytorch_maml.py``)
+records the same facts and can take the same allocator setting."""
 
 from __future__ import annotations
 
