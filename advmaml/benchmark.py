@@ -15,7 +15,11 @@ on a synthetic uint8 class pool, and reports:
 * achieved GFLOP/s (from the trip-counted FLOPs) and the fraction of the
   machine's float32 matmul peak, measured by ``matmul_peak``;
 * peak memory: the device's allocator peak where it reports one (GPU), else the
-  compiled program's argument + output + temporary bytes.
+  compiled program's argument + output + temporary bytes (per device).
+
+Training workloads can be timed with the meta-batch split over ``num_devices``
+devices, through the same mesh and sharding ``experiments.train`` uses
+(``advmaml.sharding``); test-time adaptation runs on one device.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from advmaml import sharding
 from advmaml.config import Config, preset
 from advmaml.evaluation import _evaluate_batch, clean_accuracy
 from advmaml.flops import jaxpr_flops
@@ -113,17 +118,30 @@ def matmul_peak(size: int = 2048, repeats: int = 5, seconds: float = 1.0) -> dic
           "gflops_max": max(rates), "size": size}
 
 
-def _build(work: Workload, pool) -> tuple[Callable, tuple, Config]:
-  """(jitted fn, its args, config); fn(*args) returns (new first arg, outputs)."""
+def _build(work: Workload, pool, num_devices: int = 1) -> tuple[Callable, tuple, Config]:
+  """(jitted fn, its args, config); fn(*args) returns (new first arg, outputs).
+
+  num_devices: training workloads split their meta-batch over this many devices
+  (0: all), as ``experiments.train --num_devices`` does; must be 1 for "adapt".
+  Raises ValueError naming the flag when the count is unavailable or does not
+  divide the meta-batch.
+  """
   cfg = preset("omniglot_5w1s").replace(**work.overrides)
   exp = build_experiment(cfg, (28, 28, 1))
   meta = exp.learner.init_meta_params(exp.model.init(jax.random.key(0)))
   key = jax.random.key(1)
   if work.kind == "train":
+    mesh = sharding.make_mesh(num_devices)
+    sharding.check_divisible(cfg.meta_batch_size, mesh)
     step = make_train_step(exp.learner, get_objective(cfg), exp.optimizer,
                            meta_batch_size=cfg.meta_batch_size, n_way=cfg.n_way,
-                           k_shot=cfg.k_shot, q_query=work.q_query, task_chunk=cfg.task_chunk)
-    return step, (init_train_state(meta, exp.optimizer), pool, key), cfg
+                           k_shot=cfg.k_shot, q_query=work.q_query, mesh=mesh,
+                           task_chunk=cfg.task_chunk)
+    state = sharding.replicate(init_train_state(meta, exp.optimizer), mesh)
+    return step, (state, sharding.replicate(pool, mesh), key), cfg
+  if num_devices != 1:
+    raise ValueError(f"--num_devices={num_devices}: {work.name} (test-time adaptation) "
+                     "runs on one device; time it with --num_devices=1")
   metric = functools.partial(clean_accuracy, inner_steps=cfg.eval_inner_steps)
   fn = jax.jit(lambda m, p, k: (m, _evaluate_batch(
       m, p, k, 0, learner=exp.learner, metric_fn=metric, n_way=cfg.n_way, k_shot=cfg.k_shot,
@@ -148,11 +166,17 @@ def _xla_flops(work: Workload, pool) -> float:
 
 
 def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
-                 min_seconds: float = 30.0, peak_gflops: float | None = None) -> dict:
-  """Compiles and times one workload; returns a JSON-ready dict."""
+                 min_seconds: float = 30.0, peak_gflops: float | None = None,
+                 num_devices: int = 1) -> dict:
+  """Compiles and times one workload; returns a JSON-ready dict.
+
+  num_devices: see ``_build``. FLOPs per step are the whole step's (all
+  devices); the fraction of peak divides by ``peak_gflops`` x the device count.
+  """
   rng = np.random.default_rng(0)
   pool = jnp.asarray(rng.integers(0, 256, (64, 20, 28, 28), dtype=np.uint8))
-  fn, args, cfg = _build(work, pool)
+  fn, args, cfg = _build(work, pool, num_devices)
+  devices = len(jax.devices()) if num_devices == 0 else num_devices
   t0 = time.perf_counter()
   traced = fn.trace(*args)  # traced once: compiled here, and its jaxpr counted below
   compiled = traced.lower().compile()
@@ -179,7 +203,7 @@ def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
   median = statistics.median(rates)
   stats = jax.devices()[0].memory_stats() or {}
   result = {
-      "workload": work.name, "description": work.description,
+      "workload": work.name, "description": work.description, "num_devices": devices,
       "unit": "tasks/s" if work.kind == "adapt" else "meta-steps/s",
       "throughput_median": median * unit_per_step,
       "throughput_min": min(rates) * unit_per_step, "throughput_max": max(rates) * unit_per_step,
@@ -194,7 +218,7 @@ def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
       "peak_bytes_source": "allocator" if "peak_bytes_in_use" in stats else "compiled program",
   }
   if peak_gflops:
-    result["fraction_of_matmul_peak"] = result["gflops_achieved"] / peak_gflops
+    result["fraction_of_matmul_peak"] = result["gflops_achieved"] / (peak_gflops * devices)
   result["config"] = {k: v for k, v in dataclasses.asdict(cfg).items()
                       if k in ("model", "filters", "conv_impl", "remat", "inner_steps",
                                "eval_inner_steps", "meta_batch_size", "objective", "task_chunk")}

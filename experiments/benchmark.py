@@ -3,6 +3,7 @@ r"""Benchmark the library's meta-train and adaptation steps on synthetic data.
   python -m experiments.benchmark --config=B1          # one workload
   python -m experiments.benchmark --all                # B1..B4, max-pool and strided Conv4
   python -m experiments.benchmark --all --output=results/benchmarks/cpu-2core.json
+  python -m experiments.benchmark --config=B1,B2 --num_devices=1,2,4,8   # scaling over GPUs
 
 Prints one line per workload and writes JSON with the machine, the measured
 float32 matmul peak and, per workload, median/min/max throughput, compile
@@ -12,6 +13,7 @@ time, FLOPs per step, achieved GFLOP/s, fraction of peak and peak memory.
 import json
 import pathlib
 
+import jax
 from absl import app, flags, logging
 
 from advmaml import benchmark
@@ -31,6 +33,10 @@ REMAT = flags.DEFINE_bool("remat", None, "Override the workloads' inner-loop rem
 INNER_STEPS = flags.DEFINE_integer("inner_steps", None, "Override the workloads' inner steps.")
 TASK_CHUNK = flags.DEFINE_integer("task_chunk", None, "Override the tasks differentiated together "
                                   "(train workloads; 0: the whole meta-batch).")
+NUM_DEVICES = flags.DEFINE_list(
+    "num_devices", ["1"], "Device counts to time each training workload on, the meta-batch split "
+    "over them as in experiments.train (e.g. 1,2,4,8; 0: all). Test-time adaptation (B4) "
+    "runs on one device only.")
 TRAIN_ATTACK_BEST = flags.DEFINE_bool(
     "train_attack_best", None, "Override B3's training attack: keep each example's strongest "
     "iterate (the rule before 2026-11-29) instead of PGD's last iterate.")
@@ -47,6 +53,24 @@ def main(argv):
                          f"{sorted(benchmark.WORKLOADS)} or pass --all")
   if REPEATS.value < 1 or MIN_STEPS.value < 1 or MIN_SECONDS.value <= 0:
     raise app.UsageError("--repeats, --min_steps and --min_seconds must be positive")
+  try:
+    device_counts = [int(n) for n in NUM_DEVICES.value]
+  except ValueError:
+    raise app.UsageError(f"--num_devices={','.join(NUM_DEVICES.value)}: give integers, "
+                         "e.g. 1,2,4") from None
+  available = jax.device_count()
+  bad = [n for n in device_counts if not 0 <= n <= available]
+  if bad or not device_counts:
+    raise app.UsageError(f"--num_devices: {bad or 'empty'} not in 0..{available} ({available} "
+                         f"{jax.devices()[0].platform} device(s) here; on CPU, "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N)")
+  for name in names:  # before any timing: a bad pair would otherwise fail minutes in
+    work = benchmark.WORKLOADS[name]
+    tasks = work.overrides["meta_batch_size"]
+    uneven = [n for n in device_counts if work.kind == "train" and tasks % (n or available)]
+    if uneven:
+      raise app.UsageError(f"--num_devices: {name}'s meta-batch of {tasks} tasks does not split "
+                           f"over {uneven} devices; use divisors of {tasks}")
   peak = benchmark.matmul_peak()
   logging.info("float32 matmul peak: %.1f GFLOP/s (median; %.1f-%.1f)", peak["gflops_median"],
                peak["gflops_min"], peak["gflops_max"])
@@ -59,18 +83,24 @@ def main(argv):
     work = benchmark.WORKLOADS[name]
     if overrides:
       work = benchmark.with_overrides(work, overrides)
-    r = benchmark.run_workload(work, repeats=REPEATS.value,
-                               min_steps=MIN_STEPS.value, min_seconds=MIN_SECONDS.value,
-                               peak_gflops=peak["gflops_median"])
-    results.append(r)
-    print(f"{r['workload']:<12} {r['throughput_median']:8.2f} {r['unit']:<12} "
-          f"[{r['throughput_min']:.2f}-{r['throughput_max']:.2f}]  compile {r['compile_s']:5.1f}s  "
-          f"{r['gflops_achieved']:6.1f} GFLOP/s ({100 * r['fraction_of_matmul_peak']:.0f}% of peak)  "
-          f"mem {r['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+    counts = device_counts if work.kind == "train" else [1]
+    if counts != device_counts:
+      logging.info("%s: test-time adaptation is timed on one device only", name)
+    for count in counts:
+      r = benchmark.run_workload(work, repeats=REPEATS.value, min_steps=MIN_STEPS.value,
+                                 min_seconds=MIN_SECONDS.value,
+                                 peak_gflops=peak["gflops_median"], num_devices=count)
+      results.append(r)
+      devices = f" x{r['num_devices']}dev" if r["num_devices"] != 1 else ""
+      print(f"{r['workload'] + devices:<12} {r['throughput_median']:8.2f} {r['unit']:<12} "
+            f"[{r['throughput_min']:.2f}-{r['throughput_max']:.2f}]  compile {r['compile_s']:5.1f}s  "
+            f"{r['gflops_achieved']:6.1f} GFLOP/s ({100 * r['fraction_of_matmul_peak']:.0f}% of peak)  "
+            f"mem {r['peak_bytes'] / 2**20:.0f} MiB", flush=True)
   record = {"machine": benchmark.machine_info(), "matmul_peak": peak, "workloads": results,
             "settings": {"repeats": REPEATS.value, "min_steps": MIN_STEPS.value,
                          "min_seconds": MIN_SECONDS.value, "overrides": overrides,
-                         "keep_freed_memory": keep_freed_memory}}
+                         "keep_freed_memory": keep_freed_memory,
+                         "num_devices": device_counts}}
   if OUTPUT.value:
     write_json(pathlib.Path(OUTPUT.value), record)
     logging.info("written to %s", OUTPUT.value)

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -9,6 +16,8 @@ import pytest
 from advmaml import benchmark
 from advmaml.config import preset
 from advmaml.models import make_model
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("variant", ["strided", "maxpool"])
@@ -44,3 +53,58 @@ def test_run_workload_reports_what_it_promises():
 
 def test_every_listed_workload_builds():
   assert {f"B{i}" for i in range(1, 5)} | {f"B{i}-strided" for i in range(1, 5)} == set(benchmark.WORKLOADS)
+
+
+_TINY = dict(model="strided", filters=8, meta_batch_size=2, inner_steps=1)
+
+# Run under 2 simulated CPU devices: the benchmark's train step splits its tasks over
+# both (the outputs live on both devices) and the record says so.
+_TWO_DEVICE_PROBE = """
+import json, jax, jax.numpy as jnp, numpy as np
+from advmaml import benchmark
+work = benchmark.Workload("tiny", "tiny", %r, q_query=2)
+pool = jnp.asarray(np.random.default_rng(0).integers(0, 256, (64, 20, 28, 28), dtype=np.uint8))
+fn, args, _ = benchmark._build(work, pool, num_devices=2)
+state, _ = fn(*args)
+hlo = fn.lower(*args).compile().as_text()
+r = benchmark.run_workload(work, repeats=1, min_steps=1, min_seconds=0.01, peak_gflops=100.0,
+                           num_devices=2)
+print(json.dumps({"state_devices": len(jax.tree.leaves(state)[0].sharding.device_set),
+                  "all_reduce": "all-reduce" in hlo, "num_devices": r["num_devices"],
+                  "fraction": r["fraction_of_matmul_peak"], "gflops": r["gflops_achieved"]}))
+""" % (_TINY,)
+
+
+def _two_device_env():
+  return {**os.environ, "JAX_PLATFORMS": "cpu",
+          "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
+
+
+def test_train_workload_splits_its_tasks_over_the_requested_devices():
+  out = subprocess.run([sys.executable, "-c", _TWO_DEVICE_PROBE], cwd=REPO, env=_two_device_env(),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  verdict = json.loads(out.stdout.strip().splitlines()[-1])
+  assert verdict["state_devices"] == 2 and verdict["all_reduce"]
+  assert verdict["num_devices"] == 2
+  # The fraction of peak is of both devices' peak together.
+  assert verdict["fraction"] == pytest.approx(verdict["gflops"] / 200.0)
+
+
+def test_adaptation_workload_refuses_several_devices():
+  work = benchmark.Workload("tiny-adapt", "tiny", _TINY, kind="adapt", q_query=2)
+  with pytest.raises(ValueError, match="--num_devices=2.*one device"):
+    benchmark._build(work, jnp.zeros((8, 20, 28, 28), jnp.uint8), num_devices=2)
+
+
+@pytest.mark.parametrize("flag, message", [("--num_devices=1,3", "does not split over \\[3\\]"),
+                                           ("--num_devices=5", "not in 0..3"),
+                                           ("--num_devices=two", "give integers")])
+def test_benchmark_command_rejects_bad_device_counts_before_timing(flag, message):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",  # 3 devices: B1's 8 tasks do not split over 3
+         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=3"}
+  out = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--config=B1", flag],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert re.search(message, out.stderr), out.stderr[-2000:]
+  assert "matmul peak:" not in out.stderr  # refused before measuring (or timing) anything
