@@ -11,7 +11,8 @@ reports per workload both throughputs and the ratio ours / PyTorch of each
 round, with the median and min-max over rounds. ``--malloc=keep`` runs both
 sides with glibc's malloc reusing freed memory (``advmaml.host.
 keep_freed_memory``), which PyTorch gains up to 32% from (notes section 14).
-Needs PyTorch
+``--cpu_devices=N`` runs our training workloads split over N simulated
+CPU devices (B4, test-time adaptation, stays on one). Needs PyTorch
 (``pip install torch==2.13.0``).
 """
 
@@ -27,10 +28,10 @@ import tempfile
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def _throughput(cmd: list[str]) -> tuple[float, dict]:
+def _throughput(cmd: list[str], env: dict | None = None) -> tuple[float, dict]:
   with tempfile.TemporaryDirectory() as folder:
     out = os.path.join(folder, "r.json")
-    subprocess.run(cmd + [f"--output={out}"], check=True, cwd=HERE.parent,
+    subprocess.run(cmd + [f"--output={out}"], check=True, cwd=HERE.parent, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(out) as f:
       record = json.load(f)
@@ -53,21 +54,32 @@ def main() -> None:
                       help="glibc malloc settings for both processes: system (glibc's defaults, "
                       "as each framework runs out of the box) or keep (reuse freed memory "
                       "instead of page-faulting it afresh; --keep_freed_memory on both sides)")
+  parser.add_argument("--cpu_devices", type=int, default=1,
+                      help="ours only: split the training workloads' tasks over this many "
+                      "simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count, "
+                      "--num_devices); the devices run their tasks concurrently")
   parser.add_argument("--output", help="JSON output path (default: print only)")
   args = parser.parse_args()
   names = [n for n in args.configs.split(",") if n]
-  if args.rounds < 1 or args.min_seconds <= 0 or not names:
-    parser.error("--rounds and --min_seconds must be positive and --configs non-empty")
+  if args.rounds < 1 or args.min_seconds <= 0 or not names or args.cpu_devices < 1:
+    parser.error("--rounds, --min_seconds and --cpu_devices must be positive and --configs "
+                 "non-empty")
   suffix = "-strided" if args.model == "strided" else ""
   timing = ["--repeats=1", "--min_steps=1000", f"--min_seconds={args.min_seconds}"]
   keep = args.malloc == "keep"  # the same allocator setting on both sides
   ours_malloc = ["--keep_freed_memory" if keep else "--nokeep_freed_memory"]
   torch_malloc = ["--keep_freed_memory"] if keep else []
+  ours_env, ours_devices = None, []
+  if args.cpu_devices > 1:
+    ours_env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") +
+                f" --xla_force_host_platform_device_count={args.cpu_devices}"}
+    ours_devices = [f"--num_devices={args.cpu_devices}"]
   ours, theirs, machine = {n: [] for n in names}, {n: [] for n in names}, {}
   for r in range(args.rounds):
     for name in names:
       ours_rate, machine["ours"] = _throughput(
-          [sys.executable, "-m", "experiments.benchmark", f"--config={name}{suffix}", *timing, *ours_malloc])
+          [sys.executable, "-m", "experiments.benchmark", f"--config={name}{suffix}", *timing, *ours_malloc, *ours_devices],
+          ours_env)
       torch_rate, machine["pytorch"] = _throughput(
           [sys.executable, str(HERE / "pytorch_maml.py"), f"--config={name}",
            f"--model={args.model}", *timing, *torch_malloc])
@@ -85,7 +97,8 @@ def main() -> None:
           f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]")
   record = {"machine": machine, "workloads": results,
             "settings": {"rounds": args.rounds, "min_seconds": args.min_seconds,
-                         "model": args.model, "malloc": args.malloc}}
+                         "model": args.model, "malloc": args.malloc,
+                         "cpu_devices": args.cpu_devices}}
   if args.output:
     path = pathlib.Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
