@@ -5,7 +5,9 @@ records the same facts and can take the same allocator setting."""
 
 from __future__ import annotations
 
+import ctypes
 import platform
+import sys
 
 
 def cpu_model() -> str:
@@ -46,8 +48,6 @@ def keep_freed_memory() -> bool:
   Measured on a 2-core Xeon (docs/benchmark_notes.md section 14): our
   jitted steps moved -4 to +8% (within the drift), PyTorch's +1 to +32%.
   """
-  import ctypes  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
   if not sys.platform.startswith("linux"):
     return False
   try:

@@ -20,8 +20,9 @@ def make_mesh(num_devices: int = 0) -> Mesh:
   """A 1-D mesh over the first ``num_devices`` devices (0: all of them)."""
   devices = jax.devices()
   if num_devices < 0 or num_devices > len(devices):
-    raise ValueError(f"--num_devices={num_devices}: {len(devices)} device(s) available "
-                     f"({devices[0].platform}); use 0 for all of them")
+    raise ValueError(f"--num_devices={num_devices} not in 0..{len(devices)}: {len(devices)} "
+                     f"{devices[0].platform} device(s) here; use 0 for all of them (on CPU, "
+                     "XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N)")
   return Mesh(np.array(devices[:num_devices or len(devices)]), (TASK_AXIS,))
 
 

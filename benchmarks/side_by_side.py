@@ -78,8 +78,8 @@ def main() -> None:
   for r in range(args.rounds):
     for name in names:
       ours_rate, machine["ours"] = _throughput(
-          [sys.executable, "-m", "experiments.benchmark", f"--config={name}{suffix}", *timing, *ours_malloc, *ours_devices],
-          ours_env)
+          [sys.executable, "-m", "experiments.benchmark", f"--config={name}{suffix}", *timing,
+           *ours_malloc, *ours_devices], ours_env)
       torch_rate, machine["pytorch"] = _throughput(
           [sys.executable, str(HERE / "pytorch_maml.py"), f"--config={name}",
            f"--model={args.model}", *timing, *torch_malloc])

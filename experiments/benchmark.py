@@ -13,10 +13,9 @@ time, FLOPs per step, achieved GFLOP/s, fraction of peak and peak memory.
 import json
 import pathlib
 
-import jax
 from absl import app, flags, logging
 
-from advmaml import benchmark
+from advmaml import benchmark, sharding
 from advmaml.models import CONV_IMPLS
 from advmaml.trained_runs import write_json
 from experiments import malloc_flag
@@ -58,19 +57,20 @@ def main(argv):
   except ValueError:
     raise app.UsageError(f"--num_devices={','.join(NUM_DEVICES.value)}: give integers, "
                          "e.g. 1,2,4") from None
-  available = jax.device_count()
-  bad = [n for n in device_counts if not 0 <= n <= available]
-  if bad or not device_counts:
-    raise app.UsageError(f"--num_devices: {bad or 'empty'} not in 0..{available} ({available} "
-                         f"{jax.devices()[0].platform} device(s) here; on CPU, "
-                         "XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N)")
-  for name in names:  # before any timing: a bad pair would otherwise fail minutes in
+  if not device_counts:
+    raise app.UsageError("--num_devices is empty; e.g. --num_devices=1")
+  # The checks _build makes, here before any timing rather than minutes in.
+  try:
+    meshes = [sharding.make_mesh(n) for n in device_counts]
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  for name in names:
     work = benchmark.WORKLOADS[name]
-    tasks = work.overrides["meta_batch_size"]
-    uneven = [n for n in device_counts if work.kind == "train" and tasks % (n or available)]
-    if uneven:
-      raise app.UsageError(f"--num_devices: {name}'s meta-batch of {tasks} tasks does not split "
-                           f"over {uneven} devices; use divisors of {tasks}")
+    for mesh in meshes if work.kind == "train" else []:
+      try:
+        sharding.check_divisible(work.overrides["meta_batch_size"], mesh)
+      except ValueError as e:
+        raise app.UsageError(f"{name}: {e}") from None
   peak = benchmark.matmul_peak()
   logging.info("float32 matmul peak: %.1f GFLOP/s (median; %.1f-%.1f)", peak["gflops_median"],
                peak["gflops_min"], peak["gflops_max"])
