@@ -17,9 +17,9 @@ on a synthetic uint8 class pool, and reports:
 * peak memory: the device's allocator peak where it reports one (GPU), else the
   compiled program's argument + output + temporary bytes (per device).
 
-Training workloads can be timed with the meta-batch split over ``num_devices``
-devices, through the same mesh and sharding ``experiments.train`` uses
-(``advmaml.sharding``); test-time adaptation runs on one device.
+Workloads can be timed with their tasks split over ``num_devices`` devices,
+through the same mesh ``experiments.train`` and ``experiments.evaluate`` use
+(``advmaml.sharding``).
 """
 
 from __future__ import annotations
@@ -121,32 +121,32 @@ def matmul_peak(size: int = 2048, repeats: int = 5, seconds: float = 1.0) -> dic
 def _build(work: Workload, pool, num_devices: int = 1) -> tuple[Callable, tuple, Config]:
   """(jitted fn, its args, config); fn(*args) returns (new first arg, outputs).
 
-  num_devices: training workloads split their meta-batch over this many devices
-  (0: all), as ``experiments.train --num_devices`` does; must be 1 for "adapt".
-  Raises ValueError naming the flag when the count is unavailable or does not
-  divide the meta-batch.
+  num_devices: workloads split their tasks over this many devices (0: all):
+  training's meta-batch as ``experiments.train --num_devices`` does, test-time
+  adaptation's episodes as ``evaluate_episodes`` with a mesh does. Raises
+  ValueError naming the flag when the count is unavailable or does not divide
+  the tasks.
   """
   cfg = preset("omniglot_5w1s").replace(**work.overrides)
   exp = build_experiment(cfg, (28, 28, 1))
   meta = exp.learner.init_meta_params(exp.model.init(jax.random.key(0)))
   key = jax.random.key(1)
+  mesh = sharding.make_mesh(num_devices)
+  sharding.check_divisible(cfg.meta_batch_size, mesh)
+  pool = sharding.replicate(pool, mesh)
   if work.kind == "train":
-    mesh = sharding.make_mesh(num_devices)
-    sharding.check_divisible(cfg.meta_batch_size, mesh)
     step = make_train_step(exp.learner, get_objective(cfg), exp.optimizer,
                            meta_batch_size=cfg.meta_batch_size, n_way=cfg.n_way,
                            k_shot=cfg.k_shot, q_query=work.q_query, mesh=mesh,
                            task_chunk=cfg.task_chunk)
     state = sharding.replicate(init_train_state(meta, exp.optimizer), mesh)
-    return step, (state, sharding.replicate(pool, mesh), key), cfg
-  if num_devices != 1:
-    raise ValueError(f"--num_devices={num_devices}: {work.name} (test-time adaptation) "
-                     "runs on one device; time it with --num_devices=1")
+    return step, (state, pool, key), cfg
   metric = functools.partial(clean_accuracy, inner_steps=cfg.eval_inner_steps)
   fn = jax.jit(lambda m, p, k: (m, _evaluate_batch(
       m, p, k, 0, learner=exp.learner, metric_fn=metric, n_way=cfg.n_way, k_shot=cfg.k_shot,
-      q_query=work.q_query, batch_tasks=cfg.meta_batch_size, task_chunk=cfg.task_chunk)))
-  return fn, (meta, pool, key), cfg
+      q_query=work.q_query, batch_tasks=cfg.meta_batch_size, task_chunk=cfg.task_chunk,
+      mesh=mesh if mesh.devices.size > 1 else None)))
+  return fn, (sharding.replicate(meta, mesh), pool, key), cfg
 
 
 def _xla_flops(work: Workload, pool) -> float:

@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh, PartitionSpec
+
+from advmaml import sharding
 from advmaml.data.episodes import Episode, sample_episode
 from advmaml.maml import Learner
 from advmaml.meta_step import AUTO_TASK_CHUNK, resolve_task_chunk
@@ -48,38 +51,68 @@ def evaluation_episode(pool, key, index, n_way: int, k_shot: int, q_query: int):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "learner", "metric_fn", "n_way", "k_shot", "q_query", "batch_tasks", "task_chunk"))
+    "learner", "metric_fn", "n_way", "k_shot", "q_query", "batch_tasks", "task_chunk", "mesh"))
 def _evaluate_batch(meta_params, pool, key, start, *, learner, metric_fn, n_way, k_shot,
-                    q_query, batch_tasks, task_chunk=AUTO_TASK_CHUNK):
+                    q_query, batch_tasks, task_chunk=AUTO_TASK_CHUNK, mesh: Mesh | None = None):
+  """Metrics of episodes ``start .. start + batch_tasks - 1``: {name: (batch_tasks,)}.
+
+  mesh: optional 1-D "tasks" mesh; each of its devices runs a contiguous block of
+  batch_tasks / devices episodes (which must divide), with meta_params and pool
+  replicated. Episode i is the same computation wherever it runs.
+  """
+  devices = 1 if mesh is None else mesh.devices.size
+  if batch_tasks % devices:
+    raise ValueError(f"{batch_tasks} evaluation episodes per call do not split over "
+                     f"{devices} devices; use a multiple of {devices}")
   indices = start + jnp.arange(batch_tasks)
+  # Episodes vmapped together: by default one at a time per device on CPU, where that
+  # keeps the working set in cache, and the whole batch elsewhere (resolve_task_chunk).
+  per_device = batch_tasks // devices
+  chunk = min(resolve_task_chunk(task_chunk) or per_device, per_device)
 
-  def one(i):
-    episode, metric_key = evaluation_episode(pool, key, i, n_way, k_shot, q_query)
-    return metric_fn(learner, meta_params, episode, metric_key)
+  def run(indices, meta_params, pool, key):  # indices: (episodes on this device,)
+    def one(i):
+      episode, metric_key = evaluation_episode(pool, key, i, n_way, k_shot, q_query)
+      return metric_fn(learner, meta_params, episode, metric_key)
+    return jax.lax.map(one, indices, batch_size=chunk)
 
-  # Episodes vmapped together: by default one at a time on CPU, where that keeps the
-  # working set in cache, and the whole batch elsewhere (meta_step.resolve_task_chunk).
-  chunk = min(resolve_task_chunk(task_chunk) or batch_tasks, batch_tasks)
-  return jax.lax.map(one, indices, batch_size=chunk)
+  if devices == 1:
+    return run(indices, meta_params, pool, key)
+  # shard_map rather than a sharding constraint: every device runs its own lax.map
+  # over its block, which the SPMD partitioner would not split out of one scan.
+  # check_vma=False: the models' custom VJPs return unannotated cotangents, and
+  # nothing here is differentiated through the shard_map or reduced across devices.
+  by_task, whole = PartitionSpec(sharding.TASK_AXIS), PartitionSpec()
+  return jax.shard_map(run, mesh=mesh, in_specs=(by_task, whole, whole, whole),
+                       out_specs=by_task, check_vma=False)(indices, meta_params, pool, key)
 
 
 def evaluate_episodes(learner: Learner, meta_params: dict, pool, key, *, num_episodes: int,
                       n_way: int, k_shot: int, q_query: int, inner_steps: int,
-                      batch_tasks: int = 50, metric_fn: EpisodeMetricFn | None = None) -> dict:
+                      batch_tasks: int = 50, metric_fn: EpisodeMetricFn | None = None,
+                      mesh: Mesh | None = None) -> dict:
   """Runs ``num_episodes`` episodes; returns {metric: {"mean", "ci95", "std", "n"}}.
 
   pool: (C, D, H, W[, ch]) uint8 class pool. ``metric_fn`` defaults to clean
   accuracy after ``inner_steps`` adaptation steps; it must be hashable
-  (a module-level function or a ``functools.partial`` of one).
+  (a module-level function or a ``functools.partial`` of one). mesh: optional
+  "tasks" mesh (``sharding.make_mesh``) whose devices split each call's episodes;
+  the results do not depend on it.
   """
   if metric_fn is None:
     metric_fn = functools.partial(clean_accuracy, inner_steps=inner_steps)
-  batch_tasks = min(batch_tasks, num_episodes)
-  pool = jnp.asarray(pool)
+  if mesh is not None and mesh.devices.size == 1:
+    mesh = None   # one compiled program for every single-device caller
+  devices = 1 if mesh is None else mesh.devices.size
+  # Rounded up to split over the devices; episodes past num_episodes are dropped.
+  batch_tasks = -(-min(batch_tasks, num_episodes) // devices) * devices
+  pool = sharding.replicate(jnp.asarray(pool), mesh)
+  meta_params = sharding.replicate(meta_params, mesh)
   chunks = []
   for start in range(0, num_episodes, batch_tasks):
     out = _evaluate_batch(meta_params, pool, key, start, learner=learner, metric_fn=metric_fn,
-                          n_way=n_way, k_shot=k_shot, q_query=q_query, batch_tasks=batch_tasks)
+                          n_way=n_way, k_shot=k_shot, q_query=q_query, batch_tasks=batch_tasks,
+                          mesh=mesh)
     chunks.append(jax.device_get(out))
   per_episode = {name: np.concatenate([c[name] for c in chunks])[:num_episodes]
                  for name in chunks[0]}

@@ -75,7 +75,11 @@ def jaxpr_flops(jaxpr) -> int:
                        "write the loop as lax.scan or fori_loop with static bounds")
     elif name == "cond":
       total += max(jaxpr_flops(branch) for branch in eqn.params["branches"])
-    else:  # pjit, remat, custom_jvp/vjp calls, shard_map: their inner program once
+    elif name == "shard_map":  # the body sees one device's block: times the devices
+      axes = eqn.params.get("newly_manual_axes", eqn.params.get("manual_axes", ()))
+      copies = math.prod(eqn.params["mesh"].shape[a] for a in axes)
+      total += copies * jaxpr_flops(eqn.params["jaxpr"])
+    else:  # pjit, remat, custom_jvp/vjp calls: their inner program once
       total += sum(jaxpr_flops(sub) for sub in _sub_jaxprs(eqn.params))
   return total
 

@@ -9,7 +9,7 @@ import pathlib
 
 import jax
 
-from advmaml import checkpoint
+from advmaml import checkpoint, sharding
 from advmaml.config import Config, ConfigError, validate_against_data
 from advmaml.data.sources import load_class_splits
 from advmaml.evaluation import evaluate_episodes
@@ -72,18 +72,27 @@ def load_trained(path: str | os.PathLike, data_dir: str | None = None) -> tuple[
 
 
 def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_episodes: int | None = None,
-                     seed: int = 0, inner_steps: int | None = None, metric_fn=None) -> dict:
-  """Mean accuracy (and any other per-episode metric) with 95% intervals on ``split``."""
+                     seed: int = 0, inner_steps: int | None = None, metric_fn=None,
+                     num_devices: int = 0) -> dict:
+  """Mean accuracy (and any other per-episode metric) with 95% intervals on ``split``.
+
+  num_devices: devices each call's episodes are split over (0: all local ones);
+  the results do not depend on it.
+  """
   cfg = run.cfg
   if split not in splits:
     raise ConfigError(f"--split={split!r}; choose one of {sorted(splits)}")
+  try:
+    mesh = sharding.make_mesh(num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   validate_against_data(cfg, {split: splits[split].images})
   num_episodes = cfg.test_episodes if num_episodes is None else num_episodes
   inner_steps = cfg.eval_inner_steps if inner_steps is None else inner_steps
   results = evaluate_episodes(
       run.exp.learner, run.meta_params, splits[split].images, jax.random.key(seed),
       num_episodes=num_episodes, n_way=cfg.n_way, k_shot=cfg.k_shot, q_query=cfg.eval_q_query,
-      inner_steps=inner_steps, batch_tasks=cfg.eval_batch_tasks, metric_fn=metric_fn)
+      inner_steps=inner_steps, batch_tasks=cfg.eval_batch_tasks, metric_fn=metric_fn, mesh=mesh)
   return {"checkpoint": run.source, "step": run.step, "split": split, "protocol": cfg.split,
           "num_episodes": num_episodes, "seed": seed, "inner_steps": inner_steps,
           "n_way": cfg.n_way, "k_shot": cfg.k_shot, "q_query": cfg.eval_q_query,

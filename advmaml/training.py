@@ -206,7 +206,7 @@ def train(cfg: Config, workdir: str | os.PathLike) -> dict:
       val = evaluate_episodes(exp.learner, state.meta_params, val_pool, val_key,
                               num_episodes=cfg.val_episodes, n_way=cfg.n_way, k_shot=cfg.k_shot,
                               q_query=cfg.eval_q_query, inner_steps=cfg.eval_inner_steps,
-                              batch_tasks=cfg.eval_batch_tasks)
+                              batch_tasks=cfg.eval_batch_tasks, mesh=mesh)
       record = {"step": step, "split": "val", "accuracy": val["accuracy"]["mean"],
                 "ci95": val["accuracy"]["ci95"]}
       append_metrics(metrics_path, record)

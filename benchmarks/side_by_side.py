@@ -11,8 +11,8 @@ reports per workload both throughputs and the ratio ours / PyTorch of each
 round, with the median and min-max over rounds. ``--malloc=keep`` runs both
 sides with glibc's malloc reusing freed memory (``advmaml.host.
 keep_freed_memory``), which PyTorch gains up to 32% from (notes section 14).
-``--cpu_devices=N`` runs our training workloads split over N simulated
-CPU devices (B4, test-time adaptation, stays on one). Needs PyTorch
+``--cpu_devices=N`` runs our workloads with their tasks split over N
+simulated CPU devices (``--num_devices``). Needs PyTorch
 (``pip install torch==2.13.0``).
 """
 
@@ -55,7 +55,7 @@ def main() -> None:
                       "as each framework runs out of the box) or keep (reuse freed memory "
                       "instead of page-faulting it afresh; --keep_freed_memory on both sides)")
   parser.add_argument("--cpu_devices", type=int, default=1,
-                      help="ours only: split the training workloads' tasks over this many "
+                      help="ours only: split each workload's tasks over this many "
                       "simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count, "
                       "--num_devices); the devices run their tasks concurrently")
   parser.add_argument("--output", help="JSON output path (default: print only)")

@@ -33,9 +33,8 @@ INNER_STEPS = flags.DEFINE_integer("inner_steps", None, "Override the workloads'
 TASK_CHUNK = flags.DEFINE_integer("task_chunk", None, "Override the tasks differentiated together "
                                   "(train workloads; 0: the whole meta-batch).")
 NUM_DEVICES = flags.DEFINE_list(
-    "num_devices", ["1"], "Device counts to time each training workload on, the meta-batch split "
-    "over them as in experiments.train (e.g. 1,2,4,8; 0: all). Test-time adaptation (B4) "
-    "runs on one device only.")
+    "num_devices", ["1"], "Device counts to time each workload on, its tasks split over them "
+    "as in experiments.train and experiments.evaluate (e.g. 1,2,4,8; 0: all).")
 TRAIN_ATTACK_BEST = flags.DEFINE_bool(
     "train_attack_best", None, "Override B3's training attack: keep each example's strongest "
     "iterate (the rule before 2026-11-29) instead of PGD's last iterate.")
@@ -66,7 +65,7 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   for name in names:
     work = benchmark.WORKLOADS[name]
-    for mesh in meshes if work.kind == "train" else []:
+    for mesh in meshes:
       try:
         sharding.check_divisible(work.overrides["meta_batch_size"], mesh)
       except ValueError as e:
@@ -83,10 +82,7 @@ def main(argv):
     work = benchmark.WORKLOADS[name]
     if overrides:
       work = benchmark.with_overrides(work, overrides)
-    counts = device_counts if work.kind == "train" else [1]
-    if counts != device_counts:
-      logging.info("%s: test-time adaptation is timed on one device only", name)
-    for count in counts:
+    for count in device_counts:
       r = benchmark.run_workload(work, repeats=REPEATS.value, min_steps=MIN_STEPS.value,
                                  min_seconds=MIN_SECONDS.value,
                                  peak_gflops=peak["gflops_median"], num_devices=count)

@@ -35,6 +35,9 @@ SEED = flags.DEFINE_integer("seed", 0, "Seed of the evaluation episodes.")
 INNER_STEPS = flags.DEFINE_integer("inner_steps", None, "Adaptation steps (default: the run's eval_inner_steps).")
 DATA_DIR = flags.DEFINE_string("data_dir", None, "Data folder, if not the one the run was trained with.")
 OUTPUT = flags.DEFINE_string("output", None, "JSON output path (default <workdir>/eval_<split>.json).")
+NUM_DEVICES = flags.DEFINE_integer(
+    "num_devices", 0, "Devices the episodes are split over (0: all local devices). "
+    "Results do not depend on it.")
 def _write_plots(run, splits, record, settings: AttackSettings, folder: pathlib.Path) -> list[str]:
   """The robustness curve and the attacked images of the first evaluation episode."""
   cfg, split = run.cfg, record["split"]
@@ -72,7 +75,8 @@ def main(argv):
     inner_steps = run.cfg.eval_inner_steps if INNER_STEPS.value is None else INNER_STEPS.value
     metric_fn = metric_fn_from_settings(settings, run.cfg.n_way, inner_steps)
     record = evaluate_trained(run, splits, split=SPLIT.value, num_episodes=EPISODES.value,
-                              seed=SEED.value, inner_steps=INNER_STEPS.value, metric_fn=metric_fn)
+                              seed=SEED.value, inner_steps=INNER_STEPS.value, metric_fn=metric_fn,
+                              num_devices=NUM_DEVICES.value)
   except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
   workdir = pathlib.Path(WORKDIR.value)

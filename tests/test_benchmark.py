@@ -91,10 +91,36 @@ def test_train_workload_splits_its_tasks_over_the_requested_devices():
   assert verdict["fraction"] == pytest.approx(verdict["gflops"] / 200.0)
 
 
-def test_adaptation_workload_refuses_several_devices():
-  work = benchmark.Workload("tiny-adapt", "tiny", _TINY, kind="adapt", q_query=2)
-  with pytest.raises(ValueError, match="--num_devices=2.*one device"):
-    benchmark._build(work, jnp.zeros((8, 20, 28, 28), jnp.uint8), num_devices=2)
+# Test-time adaptation split over 2 devices: outputs on both, and the same per-episode
+# accuracies and counted FLOPs as on one device.
+_TWO_DEVICE_ADAPT_PROBE = """
+import json, jax, jax.numpy as jnp, numpy as np
+from advmaml import benchmark
+from advmaml.flops import jaxpr_flops
+work = benchmark.Workload("tiny-adapt", "tiny", dict(%r, eval_inner_steps=2), kind="adapt",
+                          q_query=2)
+pool = jnp.asarray(np.random.default_rng(0).integers(0, 256, (64, 20, 28, 28), dtype=np.uint8))
+acc = {}
+for n in (1, 2):
+  fn, args, _ = benchmark._build(work, pool, num_devices=n)
+  _, out = fn(*args)
+  acc[n] = (len(out["accuracy"].sharding.device_set), np.asarray(out["accuracy"]).tolist(),
+            jaxpr_flops(fn.trace(*args).jaxpr))
+r = benchmark.run_workload(work, repeats=1, min_steps=1, min_seconds=0.01, num_devices=2)
+print(json.dumps({"acc": acc, "num_devices": r["num_devices"], "unit": r["unit"]}))
+""" % (_TINY,)
+
+
+def test_adaptation_workload_splits_its_episodes_over_the_requested_devices():
+  out = subprocess.run([sys.executable, "-c", _TWO_DEVICE_ADAPT_PROBE], cwd=REPO,
+                       env=_two_device_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  verdict = json.loads(out.stdout.strip().splitlines()[-1])
+  (devices_1, acc_1, flops_1), (devices_2, acc_2, flops_2) = verdict["acc"]["1"], verdict["acc"]["2"]
+  assert (devices_1, devices_2) == (1, 2)
+  assert flops_1 == flops_2 > 0  # the whole call's work, not one device's share
+  assert len(acc_2) == 2 and acc_2 == pytest.approx(acc_1, abs=1e-6)
+  assert verdict["num_devices"] == 2 and verdict["unit"] == "tasks/s"
 
 
 @pytest.mark.parametrize("flag, message", [("--num_devices=1,3",

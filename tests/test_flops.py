@@ -48,6 +48,16 @@ def test_every_loop_trip_is_counted_where_xla_counts_one():
   assert count_flops(branchy, True, x, w) == 2 * one
 
 
+def test_shard_map_body_counts_once_per_device():
+  # An abstract 4-device mesh: tracing needs no devices. The body sees (2, K) blocks.
+  mesh = jax.sharding.AbstractMesh((4,), ("tasks",))
+  split = jax.sharding.PartitionSpec("tasks")
+  mapped = jax.shard_map(lambda a, w: a @ w, mesh=mesh, in_specs=(split, jax.sharding.PartitionSpec()),
+                         out_specs=split)
+  x, w = jnp.ones((8, K)), jnp.ones((K, N))
+  assert count_flops(mapped, x, w) == count_flops(lambda x, w: x @ w, x, w) == 2 * 8 * K * N
+
+
 def test_while_loop_with_unknown_trips_is_refused():
   x = jnp.ones((K, K))
   with pytest.raises(ValueError, match="while_loop"):

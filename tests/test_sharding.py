@@ -32,3 +32,19 @@ def test_mesh_and_divisibility_errors_name_the_flags():
     sharding.make_mesh(10_000)
   mesh = sharding.make_mesh(1)
   sharding.check_divisible(5, mesh)  # one device divides anything
+
+
+def test_sharded_evaluation_matches_single_device():
+  """Evaluation calls split over 4 devices give the single-device per-episode metrics."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
+  out = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "sharded_eval.py")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  verdict = json.loads(out.stdout.strip().splitlines()[-1])
+  assert verdict["devices"] == 4
+  assert verdict["devices_used_4"] == 4 and verdict["devices_used_1"] == 1  # really split
+  assert verdict["metrics"] == ["clean_accuracy", "robust_accuracy@0.05"]
+  assert verdict["n"] == 10   # 6 per call rounded up to 8; the extra episodes dropped
+  assert verdict["per_episode_max_diff"] <= 1e-6
+  assert verdict["summary_max_diff"] <= 1e-6
