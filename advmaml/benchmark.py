@@ -171,7 +171,9 @@ def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
   """Compiles and times one workload; returns a JSON-ready dict.
 
   num_devices: see ``_build``. FLOPs per step are the whole step's (all
-  devices); the fraction of peak divides by ``peak_gflops`` x the device count.
+  devices); the fraction of peak divides by ``peak_gflops`` x the device count on
+  accelerators, and by ``peak_gflops`` alone on CPU, where simulated host
+  devices share the cores the peak was measured on.
   """
   rng = np.random.default_rng(0)
   pool = jnp.asarray(rng.integers(0, 256, (64, 20, 28, 28), dtype=np.uint8))
@@ -218,7 +220,8 @@ def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
       "peak_bytes_source": "allocator" if "peak_bytes_in_use" in stats else "compiled program",
   }
   if peak_gflops:
-    result["fraction_of_matmul_peak"] = result["gflops_achieved"] / (peak_gflops * devices)
+    peak_devices = 1 if jax.devices()[0].platform == "cpu" else devices
+    result["fraction_of_matmul_peak"] = result["gflops_achieved"] / (peak_gflops * peak_devices)
   result["config"] = {k: v for k, v in dataclasses.asdict(cfg).items()
                       if k in ("model", "filters", "conv_impl", "remat", "inner_steps",
                                "eval_inner_steps", "meta_batch_size", "objective", "task_chunk")}
