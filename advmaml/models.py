@@ -90,21 +90,112 @@ def _narrow_patches_matmul_bwd(residuals, g):
 _narrow_patches_matmul.defvjp(_narrow_patches_matmul_fwd, _narrow_patches_matmul_bwd)
 
 
-def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """Same result as ``conv2d_xla``, computed as patches @ kernel.
-
-  x: (B, H, W, C), kernel: (kh, kw, C, O) -> (B, ceil(H/stride), ceil(W/stride), O).
-  """
-  kh, kw, cin, cout = kernel.shape
+def _im2col_patches(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
+  """'SAME' patches of x (B, H, W, C): (B, ceil(H/stride), ceil(W/stride), kh * kw * C)."""
   xp, ho, wo = _pad_same(x, kh, kw, stride)
   # Patch channel order (di, dj, c) matches kernel.reshape(kh * kw * cin, cout).
-  patches = jnp.concatenate([
+  return jnp.concatenate([
       xp[:, di:di + (ho - 1) * stride + 1:stride, dj:dj + (wo - 1) * stride + 1:stride, :]
       for di in range(kh) for dj in range(kw)], axis=-1)
+
+
+def _conv2d_im2col_at_once(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """``conv2d_im2col`` with all images' patches built at once."""
+  kh, kw, cin, cout = kernel.shape
+  patches = _im2col_patches(x, kh, kw, stride)
   weights = kernel.reshape(kh * kw * cin, cout)
   if kh * kw * cin < cout:
     return _narrow_patches_matmul(patches, weights)
   return patches @ weights
+
+
+# On CPU, a layer whose im2col patches would exceed PATCH_CHUNK_THRESHOLD_BYTES
+# runs over chunks of images of about PATCH_CHUNK_BYTES of patches each, and its
+# backward pass rebuilds each chunk's patches instead of keeping them all. Past
+# some tens of MB the patches, their cotangent and the matmuls' operands no longer
+# stay in the caches: the Conv4's second layer on 75 query images (34 MB of
+# patches) took 49 ms forward and backward at once, 29.5 ms in chunks; in the B2
+# step it gained 4-9% on one device and 14-19% on two; chunking 25 images (11 MB)
+# did not help (docs/benchmark_notes.md, section 17). Module-level so tests can
+# force the chunked path on tiny shapes.
+PATCH_CHUNK_THRESHOLD_BYTES = 16 * 2**20
+PATCH_CHUNK_BYTES = 4 * 2**20
+
+
+def _image_chunks(num_images: int, patch_bytes_per_image: int) -> tuple[int, int] | None:
+  """(number of chunks, images per chunk) for a chunked im2col, or None for all at once.
+
+  Takes the fewest chunks within the byte budget, or, where up to twice as many
+  divide the images evenly, that count instead (no leftover images to handle apart).
+  """
+  total = num_images * patch_bytes_per_image
+  if jax.default_backend() != "cpu" or total <= PATCH_CHUNK_THRESHOLD_BYTES:
+    return None  # accelerators want the whole batch in one matmul
+  fewest = min(-(-total // PATCH_CHUNK_BYTES), num_images)
+  chunks = next((n for n in range(fewest, min(2 * fewest, num_images) + 1)
+                 if num_images % n == 0), fewest)
+  return chunks, num_images // chunks
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv2d_im2col_chunked(x: jax.Array, kernel: jax.Array, stride: int,
+                           chunks: int) -> jax.Array:
+  """``conv2d_im2col`` over ``chunks`` equal chunks of x's images (B divisible by chunks).
+
+  Values and gradients equal the all-at-once form; the backward pass rebuilds
+  each chunk's patches, so only x is kept for it.
+  """
+  b = x.shape[0]
+  out = lax.map(lambda xc: _conv2d_im2col_at_once(xc, kernel, stride),
+                x.reshape(chunks, b // chunks, *x.shape[1:]))
+  return out.reshape(b, *out.shape[2:])
+
+
+def _conv2d_im2col_chunked_fwd(x, kernel, stride, chunks):
+  return _conv2d_im2col_chunked(x, kernel, stride, chunks), (x, kernel)
+
+
+def _conv2d_im2col_chunked_bwd(stride, chunks, residuals, g):
+  x, kernel = residuals
+  kh, kw, cin, cout = kernel.shape
+  weights = kernel.reshape(kh * kw * cin, cout)
+  per_chunk = lambda t: t.reshape(chunks, t.shape[0] // chunks, *t.shape[1:])
+
+  def one_chunk(grad_kernel, chunk):  # xc: (b, H, W, C), gc: (b, H', W', O)
+    xc, gc = chunk
+    patches, patches_vjp = jax.vjp(lambda xc: _im2col_patches(xc, kh, kw, stride), xc)
+    positions = tuple(range(gc.ndim - 1))
+    # Written g-first, as autodiff writes it: XLA then transposes the chunk's g (O
+    # columns), not its K-column patches.
+    grad_weights = jnp.tensordot(gc, patches, axes=(positions, positions)).T  # (K, O)
+    (grad_xc,) = patches_vjp(gc @ weights.T)  # col2im of the patches' cotangent
+    return grad_kernel + grad_weights.reshape(kernel.shape), grad_xc
+
+  grad_kernel, grad_x = lax.scan(one_chunk, jnp.zeros_like(kernel), (per_chunk(x), per_chunk(g)))
+  return grad_x.reshape(x.shape), grad_kernel
+
+
+_conv2d_im2col_chunked.defvjp(_conv2d_im2col_chunked_fwd, _conv2d_im2col_chunked_bwd)
+
+
+def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """Same result as ``conv2d_xla``, computed as patches @ kernel.
+
+  x: (B, H, W, C), kernel: (kh, kw, C, O) -> (B, ceil(H/stride), ceil(W/stride), O).
+  Large layers on CPU run over chunks of images (see PATCH_CHUNK_THRESHOLD_BYTES).
+  """
+  kh, kw, cin, _ = kernel.shape
+  b, h, w, _ = x.shape
+  plan = _image_chunks(b, -(-h // stride) * -(-w // stride) * kh * kw * cin * x.dtype.itemsize)
+  if plan is None:
+    return _conv2d_im2col_at_once(x, kernel, stride)
+  chunks, size = plan
+  head = chunks * size
+  out = _conv2d_im2col_chunked(x[:head], kernel, stride, chunks)
+  if head == b:
+    return out
+  # The few images left over (fewer than the number of chunks) go at once.
+  return jnp.concatenate([out, _conv2d_im2col_at_once(x[head:], kernel, stride)])
 
 
 def conv2d_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:

@@ -57,6 +57,51 @@ def test_narrow_patches_matmul_first_and_second_derivatives_match_matmul():
   chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def _force_image_chunks(monkeypatch, images_per_chunk_budget, patch_bytes_per_image):
+  """Makes conv2d_im2col chunk any layer, with a budget of so many images' patches."""
+  monkeypatch.setattr(models, "PATCH_CHUNK_THRESHOLD_BYTES", 0)
+  monkeypatch.setattr(models, "PATCH_CHUNK_BYTES", images_per_chunk_budget * patch_bytes_per_image)
+
+
+@pytest.mark.parametrize("images, budget, plan", [(6, 2, (3, 2)),   # 3 even chunks
+                                                  (7, 3, (3, 2))])  # 3 chunks + 1 image apart
+@pytest.mark.parametrize("stride", [1, 2])
+def test_image_chunked_im2col_matches_xla_to_second_order(monkeypatch, images, budget, plan, stride):
+  """Chunks of images (patches rebuilt in the backward) give lax.conv's values, gradients
+  and gradients of an inner SGD step's gradient (MAML's second order), under vmap."""
+  size, cin, cout = 9, 4, 6
+  out = -(-size // stride)
+  _force_image_chunks(monkeypatch, budget, out * out * 9 * cin * 4)
+  assert models._image_chunks(images, out * out * 9 * cin * 4) == plan
+  x = jax.random.normal(jax.random.key(0), (2, images, size, size, cin))   # (tasks, B, H, W, C)
+  w = jax.random.normal(jax.random.key(1), (2, 3, 3, cin, cout)) * 0.3
+  jaxpr = str(jax.make_jaxpr(lambda x, w: conv2d_im2col(x, w, stride))(x[0], w[0]))
+  assert "scan" in jaxpr and "custom_vjp" in jaxpr  # the chunked path, not the plain one
+  np.testing.assert_allclose(jax.vmap(lambda x, w: conv2d_im2col(x, w, stride))(x, w),
+                             jax.vmap(lambda x, w: conv2d_xla(x, w, stride))(x, w),
+                             rtol=1e-5, atol=1e-5)
+
+  def inner_then_outer(conv):
+    def task(x, w):
+      inner = lambda w: jnp.sum(jnp.tanh(conv(x, w, stride)) ** 2)
+      fast = w - 0.1 * jax.grad(inner)(w)
+      return jnp.sum(jnp.sin(conv(x[::-1], fast, stride)))
+    return lambda x, w: jax.vmap(task)(x, w).sum()
+
+  got = jax.grad(inner_then_outer(conv2d_im2col), argnums=(0, 1))(x, w)
+  want = jax.grad(inner_then_outer(conv2d_xla), argnums=(0, 1))(x, w)
+  # Gradients reach several hundred here; the all-at-once im2col differs from
+  # lax.conv by as much (float32 summation order).
+  chex.assert_trees_all_close(got, want, rtol=2e-3, atol=1e-3)
+
+
+def test_image_chunks_only_for_large_patches_on_cpu():
+  per_image = 14 * 14 * 576 * 4  # the max-pool Conv4's second layer
+  assert models._image_chunks(25, per_image) is None          # 11 MB: at once
+  chunks, size = models._image_chunks(75, per_image)          # 34 MB: chunked
+  assert chunks * size == 75 and size * per_image <= models.PATCH_CHUNK_BYTES
+
+
 @pytest.mark.parametrize("size", [28, 7, 6, 3])
 def test_max_pool_matches_reduce_window(size):
   x = jax.random.normal(jax.random.key(size), (2, size, size, 3))
@@ -118,9 +163,13 @@ def test_batch_norm_uses_batch_statistics():
 # Every impl's value and gradient is checked per convolution above; the whole
 # second-order path only for the default (compiles of second-order steps are
 # what make the suite slow on a CPU).
-@pytest.mark.parametrize("variant", ["strided", "maxpool"])
-def test_second_order_meta_gradient_same_as_lax_conv(variant):
-  """The whole vmapped second-order meta-gradient agrees between the fast path and lax.conv."""
+@pytest.mark.parametrize("variant, chunked", [("strided", False), ("maxpool", False),
+                                              ("maxpool", True)])
+def test_second_order_meta_gradient_same_as_lax_conv(monkeypatch, variant, chunked):
+  """The whole vmapped second-order meta-gradient agrees between the fast path and lax.conv
+  (chunked: every im2col layer over chunks of 2-3 of its 6 images)."""
+  if chunked:
+    _force_image_chunks(monkeypatch, 2, 8 * 8 * 9 * 12 * 4)  # conv1's patches per image
   tasks_x = jax.random.uniform(jax.random.key(0), (2, 6, 16, 16, 1))
   y = jnp.repeat(jnp.arange(3), 2)
   grads = []  # im2col, then the lax.conv reference
