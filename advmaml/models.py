@@ -16,7 +16,8 @@ Convolutions come in numerically equivalent implementations (``conv_impl``):
   patches, then one matmul. When MAML vmaps per-task weights over tasks, XLA
   turns the reference into a grouped convolution, whose CPU backward pass is
   slow; the im2col form becomes a batched matmul instead, and its backward is
-  matmuls plus pads.
+  matmuls plus pads. On CPU a layer with more than 16 MiB of patches runs
+  over chunks of images that fit the caches (``PATCH_CHUNK_THRESHOLD_BYTES``).
 * ``"taps"`` and ``"winograd"``: one matmul per kernel tap, and Winograd
   F(2x2, 3x3); both measured slower than im2col on CPU and kept to reproduce
   ``docs/benchmark_notes.md`` (sections 5, 7 and 10) and to try on other
@@ -165,9 +166,12 @@ def _conv2d_im2col_chunked_bwd(stride, chunks, residuals, g):
     xc, gc = chunk
     patches, patches_vjp = jax.vjp(lambda xc: _im2col_patches(xc, kh, kw, stride), xc)
     positions = tuple(range(gc.ndim - 1))
-    # Written g-first, as autodiff writes it: XLA then transposes the chunk's g (O
-    # columns), not its K-column patches.
-    grad_weights = jnp.tensordot(gc, patches, axes=(positions, positions)).T  # (K, O)
+    # (K, O), written so that XLA transposes the narrower of g (O columns) and the
+    # patches (K), as the all-at-once path does; the wrong order lost the gain.
+    if weights.shape[0] < cout:
+      grad_weights = jnp.tensordot(patches, gc, axes=(positions, positions))
+    else:
+      grad_weights = jnp.tensordot(gc, patches, axes=(positions, positions)).T
     (grad_xc,) = patches_vjp(gc @ weights.T)  # col2im of the patches' cotangent
     return grad_kernel + grad_weights.reshape(kernel.shape), grad_xc
 

@@ -1,10 +1,14 @@
 r"""Ways to write the max-pool Conv4's costliest convolution, timed one by one.
 
   python benchmarks/conv_variants.py > results/benchmarks/conv-variants-epyc.txt
+  python benchmarks/conv_variants.py --images=75 > results/benchmarks/conv-variants-75-xeon.txt
 
 The second layer of the max-pool Conv4 on one task's 25 query images
 (x: 25 x 14 x 14 x 64, kernel 3 x 3 x 64 x 64, stride 1, 'SAME'), the op that
-carries most of a B1/B3 step's matmul time. For each formulation it prints
+carries most of a B1/B3 step's matmul time (``--images=75``: B2's and B4's
+query sets). The library's ``conv2d_im2col`` runs over chunks of images once
+the patches pass ``models.PATCH_CHUNK_THRESHOLD_BYTES`` (16 MiB, more than 35
+images here); the row "im2col at once" is the same without chunks. For each formulation it prints
 milliseconds (best of 3 runs of 50 calls) for building the patches alone, the
 forward, the forward plus the input gradient (what one PGD step needs) and
 the forward plus both gradients (what a training step needs), and checks the
@@ -12,13 +16,16 @@ forward against ``lax.conv``. Beside them: the bare matmul and an elementwise
 pass over a patch-sized array (the memory-speed floor for writing patches).
 """
 
+import argparse
 import time
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-B, H, C, O = 25, 14, 64, 64
+from advmaml import models
+
+B, H, C, O = 25, 14, 64, 64  # B: --images
 
 
 def best_ms(fn, *args, calls=50):
@@ -79,13 +86,19 @@ def conv_channel_major(x, k):
 
 
 def main():
+  global B
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--images", type=int, default=B, help="images through the layer")
+  B = parser.parse_args().images
   x = jax.random.normal(jax.random.key(0), (B, H, H, C))
   k = jax.random.normal(jax.random.key(1), (3, 3, C, O)) * 0.05
   ref = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   x_cm = jnp.transpose(x, (3, 0, 1, 2))
   to_nhwc = {"channel-major": lambda y: jnp.transpose(y, (1, 2, 3, 0))}
   variants = [
-      ("im2col concat (library)", conv_of(patches_concat), patches_concat, x),
+      ("im2col concat", conv_of(patches_concat), patches_concat, x),
+      ("im2col at once (library)", lambda x, k: models._conv2d_im2col_at_once(x, k, 1), None, x),
+      ("conv2d_im2col (library)", lambda x, k: models.conv2d_im2col(x, k, 1), None, x),
       ("im2col two-stage concat", conv_of(patches_two_stage), patches_two_stage, x),
       ("stacked taps + einsum", conv_stack_taps, None, x),
       ("output-side taps", conv_output_side, None, x),
