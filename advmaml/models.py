@@ -153,11 +153,16 @@ def _conv2d_im2col_chunked(x: jax.Array, kernel: jax.Array, stride: int,
 
 
 def _conv2d_im2col_chunked_fwd(x, kernel, stride, chunks):
-  return _conv2d_im2col_chunked(x, kernel, stride, chunks), (x, kernel)
+  # symbolic_zeros: x and kernel arrive as CustomVJPPrimal. An attack's input
+  # gradient does not perturb the kernel, so its backward skips the weight gradient.
+  out = _conv2d_im2col_chunked(x.value, kernel.value, stride, chunks)
+  return out, (x.value, kernel.value, x.perturbed, kernel.perturbed)
 
 
 def _conv2d_im2col_chunked_bwd(stride, chunks, residuals, g):
-  x, kernel = residuals
+  x, kernel, need_x, need_kernel = residuals
+  if isinstance(g, jax.custom_derivatives.SymbolicZero):
+    return None, None
   kh, kw, cin, cout = kernel.shape
   weights = kernel.reshape(kh * kw * cin, cout)
   per_chunk = lambda t: t.reshape(chunks, t.shape[0] // chunks, *t.shape[1:])
@@ -165,21 +170,25 @@ def _conv2d_im2col_chunked_bwd(stride, chunks, residuals, g):
   def one_chunk(grad_kernel, chunk):  # xc: (b, H, W, C), gc: (b, H', W', O)
     xc, gc = chunk
     patches, patches_vjp = jax.vjp(lambda xc: _im2col_patches(xc, kh, kw, stride), xc)
-    positions = tuple(range(gc.ndim - 1))
-    # (K, O), written so that XLA transposes the narrower of g (O columns) and the
-    # patches (K), as the all-at-once path does; the wrong order lost the gain.
-    if weights.shape[0] < cout:
-      grad_weights = jnp.tensordot(patches, gc, axes=(positions, positions))
-    else:
-      grad_weights = jnp.tensordot(gc, patches, axes=(positions, positions)).T
-    (grad_xc,) = patches_vjp(gc @ weights.T)  # col2im of the patches' cotangent
-    return grad_kernel + grad_weights.reshape(kernel.shape), grad_xc
+    grad_xc = patches_vjp(gc @ weights.T)[0] if need_x else None  # col2im of dpatches
+    if need_kernel:
+      positions = tuple(range(gc.ndim - 1))
+      # (K, O), written so that XLA transposes the narrower of g (O columns) and the
+      # patches (K), as the all-at-once path does; the wrong order lost the gain.
+      if weights.shape[0] < cout:
+        grad_weights = jnp.tensordot(patches, gc, axes=(positions, positions))
+      else:
+        grad_weights = jnp.tensordot(gc, patches, axes=(positions, positions)).T
+      grad_kernel = grad_kernel + grad_weights.reshape(kernel.shape)
+    return grad_kernel, grad_xc
 
-  grad_kernel, grad_x = lax.scan(one_chunk, jnp.zeros_like(kernel), (per_chunk(x), per_chunk(g)))
-  return grad_x.reshape(x.shape), grad_kernel
+  grad_kernel, grad_x = lax.scan(one_chunk, jnp.zeros_like(kernel) if need_kernel else None,
+                                 (per_chunk(x), per_chunk(g)))
+  return (grad_x.reshape(x.shape) if need_x else None), grad_kernel
 
 
-_conv2d_im2col_chunked.defvjp(_conv2d_im2col_chunked_fwd, _conv2d_im2col_chunked_bwd)
+_conv2d_im2col_chunked.defvjp(_conv2d_im2col_chunked_fwd, _conv2d_im2col_chunked_bwd,
+                              symbolic_zeros=True)
 
 
 def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:

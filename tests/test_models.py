@@ -10,6 +10,7 @@ import pytest
 from jax import lax
 
 from advmaml import models
+from advmaml.flops import count_flops
 from advmaml.maml import Learner
 from advmaml.models import (conv2d_im2col, conv2d_taps, conv2d_winograd, conv2d_xla, make_model,
                             max_pool_2x2)
@@ -93,6 +94,28 @@ def test_image_chunked_im2col_matches_xla_to_second_order(monkeypatch, images, b
   # Gradients reach several hundred here; the all-at-once im2col differs from
   # lax.conv by as much (float32 summation order).
   chex.assert_trees_all_close(got, want, rtol=2e-3, atol=1e-3)
+
+  def attack_then_outer(conv):  # an input-gradient step (the kernel unperturbed), then d/dw
+    def task(x, w):
+      step = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, w, stride)) ** 2))(x)
+      return jnp.sum(jnp.sin(conv(x + 0.05 * step, w, stride)))
+    return lambda x, w: jax.vmap(task)(x, w).sum()
+
+  got = jax.grad(attack_then_outer(conv2d_im2col), argnums=1)(x, w)
+  want = jax.grad(attack_then_outer(conv2d_xla), argnums=1)(x, w)
+  chex.assert_trees_all_close(got, want, rtol=2e-3, atol=1e-3)
+
+
+def test_image_chunked_im2col_computes_only_the_gradients_asked_for(monkeypatch):
+  """An attack's input gradient skips the weight-gradient matmul, and vice versa."""
+  _force_image_chunks(monkeypatch, 2, 8 * 8 * 9 * 4 * 4)
+  x, w = jnp.ones((6, 8, 8, 4)), jnp.ones((3, 3, 4, 5))
+  loss = lambda x, w: jnp.sum(jnp.sin(conv2d_im2col(x, w, 1)))
+  forward = count_flops(lambda x, w: conv2d_im2col(x, w, 1), x, w)
+  assert forward == 2 * 6 * 8 * 8 * 36 * 5
+  assert count_flops(jax.grad(loss, argnums=0), x, w) == 2 * forward
+  assert count_flops(jax.grad(loss, argnums=1), x, w) == 2 * forward
+  assert count_flops(jax.grad(loss, argnums=(0, 1)), x, w) == 3 * forward
 
 
 def test_image_chunks_only_for_large_patches_on_cpu():
