@@ -15,14 +15,20 @@ from advmaml import sharding
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_sharded_meta_step_matches_single_device():
+def _verdict_on_4_devices(script: str) -> dict:
+  """Runs tests/scripts/<script> on 4 simulated CPU devices; its last line's JSON."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
-  out = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "sharded_step.py")],
+  out = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / script)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   verdict = json.loads(out.stdout.strip().splitlines()[-1])
   assert verdict["devices"] == 4
+  return verdict
+
+
+def test_sharded_meta_step_matches_single_device():
+  verdict = _verdict_on_4_devices("sharded_step.py")
   assert verdict["all_reduce_4"] and not verdict["all_reduce_1"]   # really split, gradients reduced
   assert verdict["max_abs_diff"] <= 1e-5 * max(1.0, verdict["param_scale"])
 
@@ -36,13 +42,7 @@ def test_mesh_and_divisibility_errors_name_the_flags():
 
 def test_sharded_evaluation_matches_single_device():
   """Evaluation calls split over 4 devices give the single-device per-episode metrics."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
-  out = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "sharded_eval.py")],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  verdict = json.loads(out.stdout.strip().splitlines()[-1])
-  assert verdict["devices"] == 4
+  verdict = _verdict_on_4_devices("sharded_eval.py")
   assert verdict["devices_used_4"] == 4 and verdict["devices_used_1"] == 1  # really split
   assert verdict["metrics"] == ["clean_accuracy", "robust_accuracy@0.05"]
   assert verdict["n"] == 10   # 6 per call rounded up to 8; the extra episodes dropped
