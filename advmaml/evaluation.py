@@ -14,7 +14,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax.sharding import Mesh, PartitionSpec
 
 from advmaml import sharding

@@ -115,10 +115,11 @@ def _conv2d_im2col_at_once(x: jax.Array, kernel: jax.Array, stride: int) -> jax.
 # backward pass rebuilds each chunk's patches instead of keeping them all. Past
 # some tens of MB the patches, their cotangent and the matmuls' operands no longer
 # stay in the caches: the Conv4's second layer on 75 query images (34 MB of
-# patches) took 49 ms forward and backward at once, 29.5 ms in chunks; in the B2
-# step it gained 4-9% on one device and 14-19% on two; chunking 25 images (11 MB)
-# did not help (docs/benchmark_notes.md, section 17). Module-level so tests can
-# force the chunked path on tiny shapes.
+# patches) took 39.5 ms forward and backward at once, 27.2 ms in chunks
+# (benchmarks/conv_variants.py --images=75); the B2 step gained 2-12% on one
+# device and 19-24% on two; chunking 25 images (11 MB) did not help
+# (docs/benchmark_notes.md, section 17). Module-level so tests can force the
+# chunked path on tiny shapes.
 PATCH_CHUNK_THRESHOLD_BYTES = 16 * 2**20
 PATCH_CHUNK_BYTES = 4 * 2**20
 
