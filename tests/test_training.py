@@ -130,6 +130,11 @@ def test_train_and_evaluate_entry_points_end_to_end(fake_omniglot_dir, tmp_path)
   out = _run("experiments.evaluate", f"--workdir={work}", "--episodes=10",
              f"--output={tmp_path / 'again.json'}", env=env)
   assert json.loads((tmp_path / "again.json").read_text())["metrics"] == result["metrics"]
+  # More devices than there are: refused with the flag named, no traceback.
+  out = _run("experiments.evaluate", f"--workdir={work}", "--episodes=10", "--num_devices=2",
+             env=env)
+  assert out.returncode != 0
+  assert "--num_devices=2 not in 0..1" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_train_entry_point_rejects_bad_flags_with_a_clear_message(fake_omniglot_dir, tmp_path):
