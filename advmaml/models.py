@@ -80,12 +80,22 @@ def _narrow_patches_matmul_fwd(patches, weights):
   return patches @ weights, (patches, weights)
 
 
+def _patches_weight_gradient(patches: jax.Array, g: jax.Array) -> jax.Array:
+  """(K, O) = patches^T g over all position axes. patches: (..., K), g: (..., O).
+
+  Written so that XLA's CPU backend transposes the narrower operand: patches-first
+  when K < O (see ``_narrow_patches_matmul``), g-first (autodiff's order) otherwise,
+  where patches-first made XLA transpose the K-column patches instead.
+  """
+  positions = tuple(range(g.ndim - 1))
+  if patches.shape[-1] < g.shape[-1]:
+    return jnp.tensordot(patches, g, axes=(positions, positions))
+  return jnp.tensordot(g, patches, axes=(positions, positions)).T
+
+
 def _narrow_patches_matmul_bwd(residuals, g):
   patches, weights = residuals
-  positions = tuple(range(patches.ndim - 1))
-  # (K, O) = patches^T g over all position axes; written patches-first on purpose.
-  grad_weights = jnp.tensordot(patches, g, axes=(positions, positions))
-  return g @ weights.T, grad_weights
+  return g @ weights.T, _patches_weight_gradient(patches, g)
 
 
 _narrow_patches_matmul.defvjp(_narrow_patches_matmul_fwd, _narrow_patches_matmul_bwd)
@@ -172,15 +182,8 @@ def _conv2d_im2col_chunked_bwd(stride, chunks, residuals, g):
     xc, gc = chunk
     patches, patches_vjp = jax.vjp(lambda xc: _im2col_patches(xc, kh, kw, stride), xc)
     grad_xc = patches_vjp(gc @ weights.T)[0] if need_x else None  # col2im of dpatches
-    if need_kernel:
-      positions = tuple(range(gc.ndim - 1))
-      # (K, O), written so that XLA transposes the narrower of g (O columns) and the
-      # patches (K), as the all-at-once path does; the wrong order lost the gain.
-      if weights.shape[0] < cout:
-        grad_weights = jnp.tensordot(patches, gc, axes=(positions, positions))
-      else:
-        grad_weights = jnp.tensordot(gc, patches, axes=(positions, positions)).T
-      grad_kernel = grad_kernel + grad_weights.reshape(kernel.shape)
+    if need_kernel:  # the order matters: the wrong one lost the chunks' gain
+      grad_kernel = grad_kernel + _patches_weight_gradient(patches, gc).reshape(kernel.shape)
     return grad_kernel, grad_xc
 
   grad_kernel, grad_x = lax.scan(one_chunk, jnp.zeros_like(kernel) if need_kernel else None,
