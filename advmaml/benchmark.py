@@ -145,7 +145,7 @@ def _build(work: Workload, pool, num_devices: int = 1) -> tuple[Callable, tuple,
   fn = jax.jit(lambda m, p, k: (m, _evaluate_batch(
       m, p, k, 0, learner=exp.learner, metric_fn=metric, n_way=cfg.n_way, k_shot=cfg.k_shot,
       q_query=work.q_query, batch_tasks=cfg.meta_batch_size, task_chunk=cfg.task_chunk,
-      mesh=mesh if mesh.devices.size > 1 else None)))
+      mesh=mesh)))
   return fn, (sharding.replicate(meta, mesh), pool, key), cfg
 
 
