@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
+from simulated_devices import json_verdict_on_devices, run_on_devices
 
 from advmaml import benchmark
 from advmaml.config import preset
 from advmaml.models import make_model
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("variant", ["strided", "maxpool"])
@@ -75,16 +69,8 @@ print(json.dumps({"state_devices": len(jax.tree.leaves(state)[0].sharding.device
 """ % (_TINY,)
 
 
-def _two_device_env():
-  return {**os.environ, "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
-
-
 def test_train_workload_splits_its_tasks_over_the_requested_devices():
-  out = subprocess.run([sys.executable, "-c", _TWO_DEVICE_PROBE], cwd=REPO, env=_two_device_env(),
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  verdict = json.loads(out.stdout.strip().splitlines()[-1])
+  verdict = json_verdict_on_devices(["-c", _TWO_DEVICE_PROBE], 2)
   assert verdict["state_devices"] == 2 and verdict["all_reduce"]
   assert verdict["num_devices"] == 2
   # Simulated CPU devices share the cores the peak was measured on: not 2 x the peak.
@@ -112,10 +98,7 @@ print(json.dumps({"acc": acc, "num_devices": r["num_devices"], "unit": r["unit"]
 
 
 def test_adaptation_workload_splits_its_episodes_over_the_requested_devices():
-  out = subprocess.run([sys.executable, "-c", _TWO_DEVICE_ADAPT_PROBE], cwd=REPO,
-                       env=_two_device_env(), capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  verdict = json.loads(out.stdout.strip().splitlines()[-1])
+  verdict = json_verdict_on_devices(["-c", _TWO_DEVICE_ADAPT_PROBE], 2)
   (devices_1, acc_1, flops_1), (devices_2, acc_2, flops_2) = verdict["acc"]["1"], verdict["acc"]["2"]
   assert (devices_1, devices_2) == (1, 2)
   assert flops_1 == flops_2 > 0  # the whole call's work, not one device's share
@@ -128,10 +111,8 @@ def test_adaptation_workload_splits_its_episodes_over_the_requested_devices():
                                            ("--num_devices=5", "not in 0..3"),
                                            ("--num_devices=two", "give integers")])
 def test_benchmark_command_rejects_bad_device_counts_before_timing(flag, message):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",  # 3 devices: B1's 8 tasks do not split over 3
-         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=3"}
-  out = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--config=B1", flag],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  # 3 devices: B1's 8 tasks do not split over 3.
+  out = run_on_devices(["-m", "experiments.benchmark", "--config=B1", flag], 3)
   assert out.returncode != 0
   assert re.search(message, out.stderr), out.stderr[-2000:]
   assert "matmul peak:" not in out.stderr  # refused before measuring (or timing) anything

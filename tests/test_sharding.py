@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
+from simulated_devices import REPO, json_verdict_on_devices
 
 from advmaml import sharding
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _verdict_on_4_devices(script: str) -> dict:
   """Runs tests/scripts/<script> on 4 simulated CPU devices; its last line's JSON."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
-  out = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / script)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  verdict = json.loads(out.stdout.strip().splitlines()[-1])
+  verdict = json_verdict_on_devices([str(REPO / "tests" / "scripts" / script)], 4)
   assert verdict["devices"] == 4
   return verdict
 
