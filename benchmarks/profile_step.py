@@ -32,6 +32,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--overrides", default="{}", help="JSON of config fields, e.g. conv_impl")
   parser.add_argument("--top", type=int, default=30)
+  parser.add_argument("--num_devices", type=int, default=1,
+                      help="split the step over this many devices, as the benchmark's --num_devices")
   args = parser.parse_args()
   if args.config not in benchmark.WORKLOADS:
     parser.error(f"--config={args.config!r}: choose from {sorted(benchmark.WORKLOADS)}")
@@ -40,7 +42,7 @@ def main() -> None:
   if overrides:
     work = benchmark.with_overrides(work, overrides)
   pool = jnp.asarray(np.random.default_rng(0).integers(0, 256, (64, 20, 28, 28), dtype=np.uint8))
-  fn, fn_args, _ = benchmark._build(work, pool)
+  fn, fn_args, _ = benchmark._build(work, pool, args.num_devices)
   state, rest = fn_args[0], fn_args[1:]
   for _ in range(2):  # compile and warm up
     state, out = fn(state, *rest)
