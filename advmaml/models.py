@@ -284,12 +284,45 @@ def conv2d_winograd(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max-pool, stride 2, 'VALID' (odd sizes are floored). (B, H, W, C) -> (B, H//2, W//2, C).
 
-  Written as reshape + max so its gradient is a cheap select, not XLA's
-  select-and-scatter.
+  The maximum of the four strided slices, elementwise, with the backward pass
+  of ``_max_pool_2x2_even``: XLA fuses both into the ops around them, where a
+  max reduction and its derivative are separate passes over the activations.
   """
-  b, h, w, c = x.shape
-  x = x[:, :h // 2 * 2, :w // 2 * 2, :]
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  _, h, w, _ = x.shape
+  return _max_pool_2x2_even(x[:, :h // 2 * 2, :w // 2 * 2, :])
+
+
+def _window_corners(x: jax.Array) -> tuple[jax.Array, ...]:
+  """The four (B, H/2, W/2, C) strided slices of x (B, H, W, C), H and W even."""
+  return tuple(x[:, i::2, j::2, :] for i in (0, 1) for j in (0, 1))
+
+
+@jax.custom_vjp
+def _max_pool_2x2_even(x: jax.Array) -> jax.Array:
+  """``max_pool_2x2`` for even H and W; gradients equal those of a max reduction.
+
+  Tied maxima share the gradient evenly, as differentiating ``jnp.max`` over
+  the window does (constant image regions tie exactly).
+  """
+  a, b, c, d = _window_corners(x)
+  return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+
+
+def _max_pool_2x2_even_fwd(x):
+  y = _max_pool_2x2_even(x)
+  return y, (x, y)
+
+
+def _max_pool_2x2_even_bwd(residuals, g):
+  x, y = residuals
+  bsz, h, w, c = x.shape
+  # The count of tied maxima, elementwise from the corners (a reduction is another pass).
+  share = g / sum((corner == y).astype(g.dtype) for corner in _window_corners(x))
+  at_max = x.reshape(bsz, h // 2, 2, w // 2, 2, c) == y[:, :, None, :, None, :]
+  return (jnp.where(at_max, share[:, :, None, :, None, :], 0).reshape(x.shape),)
+
+
+_max_pool_2x2_even.defvjp(_max_pool_2x2_even_fwd, _max_pool_2x2_even_bwd)
 
 
 class Conv(nn.Module):

@@ -134,6 +134,29 @@ def test_max_pool_matches_reduce_window(size):
                              jax.grad(lambda x: jnp.sum(ref(x) ** 2))(x), rtol=1e-6)
 
 
+def test_max_pool_ties_share_the_gradient_as_a_max_reduction_does_to_second_order():
+  """Constant image regions tie exactly; the custom backward splits like lax.max's rule."""
+  reduction = lambda x: x.reshape(x.shape[0], x.shape[1] // 2, 2, x.shape[2] // 2, 2,
+                                  x.shape[3]).max(axis=(2, 4))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 6, 3))
+  x = jnp.where(jnp.abs(x) < 0.6, 0.25, x)  # about half the entries equal: 2-, 3- and 4-way ties
+  x = x.at[:, :2, :2, :].set(1.5)           # whole windows tied
+  weight = jax.random.normal(jax.random.key(1), (2, 4, 3, 3))
+
+  def inner_then_outer(pool):  # the gradient of a gradient, as second-order MAML takes it
+    def loss(x, a):
+      inner = jax.grad(lambda a: jnp.sum(jnp.sin(pool(x * a)) * weight))(a)
+      return jnp.sum(jnp.cos(pool(x * (a - 0.3 * inner))) * weight)
+    return lambda x: jax.grad(loss, argnums=(0, 1))(x, jnp.linspace(0.5, 1.5, 3))
+
+  np.testing.assert_array_equal(max_pool_2x2(x), reduction(x))
+  got = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) * weight))(x)
+  np.testing.assert_array_equal(got, jax.grad(lambda x: jnp.sum(reduction(x) * weight))(x))
+  assert float(jnp.abs(got[:, :2, :2, :] - weight[:, :1, :1, :] / 4).max()) < 1e-7
+  chex.assert_trees_all_close(inner_then_outer(max_pool_2x2)(x), inner_then_outer(reduction)(x),
+                              rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("variant,size,feature_shape", [("strided", 28, (2, 2)), ("maxpool", 28, (1, 1)),
                                                         ("maxpool", 84, (5, 5))])
 def test_conv4_shapes(variant, size, feature_shape):
