@@ -16,8 +16,9 @@ Convolutions come in numerically equivalent implementations (``conv_impl``):
   patches, then one matmul. When MAML vmaps per-task weights over tasks, XLA
   turns the reference into a grouped convolution, whose CPU backward pass is
   slow; the im2col form becomes a batched matmul instead, and its backward is
-  matmuls plus pads. On CPU a layer with more than 16 MiB of patches runs
-  over chunks of images that fit the caches (``PATCH_CHUNK_THRESHOLD_BYTES``).
+  matmuls plus pads. On CPU a stride-1 layer with more than 8 MiB of patches
+  per core runs over chunks of images that fit the caches
+  (``PATCH_CHUNK_THRESHOLD_BYTES``).
 * ``"taps"`` and ``"winograd"``: one matmul per kernel tap, and Winograd
   F(2x2, 3x3); both measured slower than im2col on CPU and kept to reproduce
   ``docs/benchmark_notes.md`` (sections 5, 7 and 10) and to try on other
@@ -29,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -120,30 +122,47 @@ def _conv2d_im2col_at_once(x: jax.Array, kernel: jax.Array, stride: int) -> jax.
   return patches @ weights
 
 
-# On CPU, a layer whose im2col patches would exceed PATCH_CHUNK_THRESHOLD_BYTES
-# runs over chunks of images of about PATCH_CHUNK_BYTES of patches each, and its
-# backward pass rebuilds each chunk's patches instead of keeping them all. Past
-# some tens of MB the patches, their cotangent and the matmuls' operands no longer
-# stay in the caches: the Conv4's second layer on 75 query images (34 MB of
-# patches) took 39.5 ms forward and backward at once, 27.2 ms in chunks
-# (benchmarks/conv_variants.py --images=75); the B2 step gained 2-12% on one
-# device and 19-24% on two; chunking 25 images (11 MB) did not help
-# (docs/benchmark_notes.md, section 17). Module-level so tests can force the
-# chunked path on tiny shapes.
-PATCH_CHUNK_THRESHOLD_BYTES = 16 * 2**20
-PATCH_CHUNK_BYTES = 4 * 2**20
+# On CPU, a stride-1 layer whose im2col patches would exceed
+# PATCH_CHUNK_THRESHOLD_BYTES per core of its device runs over chunks of images
+# of about PATCH_CHUNK_BYTES of patches per core each, and its backward pass
+# rebuilds each chunk's patches instead of keeping them all. Past some MB per
+# core the patches, their cotangent and the matmuls' operands no longer stay in
+# the caches: the Conv4's second layer on 75 query images (34 MB of patches)
+# took 39.5 ms forward and backward at once, 27.2 ms in chunks
+# (benchmarks/conv_variants.py --images=75). Per core, because a device with one
+# core has half the cache of one with two: on two one-core devices chunking B1's
+# 25 query images (11 MB) sped B1 up 7-12%, on one two-core device it slowed B1
+# down. Stride-2 layers stay whole: chunked, they were slower at every budget
+# tried (docs/benchmark_notes.md, sections 17 and 18). Module-level so tests can
+# force the chunked path on tiny shapes.
+PATCH_CHUNK_THRESHOLD_BYTES = 8 * 2**20
+PATCH_CHUNK_BYTES = 2 * 2**20
+CHUNKED_STRIDES = (1,)
 
 
-def _image_chunks(num_images: int, patch_bytes_per_image: int) -> tuple[int, int] | None:
+def _cpu_cores_per_device() -> int:
+  """Cores per local CPU device (simulated host devices share the machine's cores)."""
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    cores = os.cpu_count() or 1
+  return max(1, cores // jax.local_device_count())
+
+
+def _image_chunks(num_images: int, patch_bytes_per_image: int,
+                  stride: int = 1) -> tuple[int, int] | None:
   """(number of chunks, images per chunk) for a chunked im2col, or None for all at once.
 
   Takes the fewest chunks within the byte budget, or, where up to twice as many
   divide the images evenly, that count instead (no leftover images to handle apart).
   """
-  total = num_images * patch_bytes_per_image
-  if jax.default_backend() != "cpu" or total <= PATCH_CHUNK_THRESHOLD_BYTES:
+  if jax.default_backend() != "cpu" or stride not in CHUNKED_STRIDES:
     return None  # accelerators want the whole batch in one matmul
-  fewest = min(-(-total // PATCH_CHUNK_BYTES), num_images)
+  cores = _cpu_cores_per_device()
+  total = num_images * patch_bytes_per_image
+  if total <= PATCH_CHUNK_THRESHOLD_BYTES * cores:
+    return None
+  fewest = min(-(-total // (PATCH_CHUNK_BYTES * cores)), num_images)
   chunks = next((n for n in range(fewest, min(2 * fewest, num_images) + 1)
                  if num_images % n == 0), fewest)
   return chunks, num_images // chunks
@@ -199,11 +218,12 @@ def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   """Same result as ``conv2d_xla``, computed as patches @ kernel.
 
   x: (B, H, W, C), kernel: (kh, kw, C, O) -> (B, ceil(H/stride), ceil(W/stride), O).
-  Large layers on CPU run over chunks of images (see PATCH_CHUNK_THRESHOLD_BYTES).
+  Large stride-1 layers on CPU run over chunks of images (see PATCH_CHUNK_THRESHOLD_BYTES).
   """
   kh, kw, cin, _ = kernel.shape
   b, h, w, _ = x.shape
-  plan = _image_chunks(b, -(-h // stride) * -(-w // stride) * kh * kw * cin * x.dtype.itemsize)
+  plan = _image_chunks(b, -(-h // stride) * -(-w // stride) * kh * kw * cin * x.dtype.itemsize,
+                       stride)
   if plan is None:
     return _conv2d_im2col_at_once(x, kernel, stride)
   chunks, size = plan

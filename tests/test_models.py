@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ from advmaml.flops import count_flops
 from advmaml.maml import Learner
 from advmaml.models import (conv2d_im2col, conv2d_taps, conv2d_winograd, conv2d_xla, make_model,
                             max_pool_2x2)
+from simulated_devices import json_verdict_on_devices
 
 
 @pytest.mark.parametrize("conv", [conv2d_im2col, conv2d_taps, conv2d_winograd])
@@ -60,8 +63,10 @@ def test_narrow_patches_matmul_first_and_second_derivatives_match_matmul():
 
 def _force_image_chunks(monkeypatch, images_per_chunk_budget, patch_bytes_per_image):
   """Makes conv2d_im2col chunk any layer, with a budget of so many images' patches."""
+  monkeypatch.setattr(models, "_cpu_cores_per_device", lambda: 1)
   monkeypatch.setattr(models, "PATCH_CHUNK_THRESHOLD_BYTES", 0)
   monkeypatch.setattr(models, "PATCH_CHUNK_BYTES", images_per_chunk_budget * patch_bytes_per_image)
+  monkeypatch.setattr(models, "CHUNKED_STRIDES", (1, 2))  # the chunked path handles any stride
 
 
 @pytest.mark.parametrize("images, budget, plan", [(6, 2, (3, 2)),   # 3 even chunks
@@ -118,11 +123,29 @@ def test_image_chunked_im2col_computes_only_the_gradients_asked_for(monkeypatch)
   assert count_flops(jax.grad(loss, argnums=(0, 1)), x, w) == 3 * forward
 
 
-def test_image_chunks_only_for_large_patches_on_cpu():
+def test_image_chunks_for_large_stride_1_patches_per_core(monkeypatch):
   per_image = 14 * 14 * 576 * 4  # the max-pool Conv4's second layer
+  monkeypatch.setattr(models, "_cpu_cores_per_device", lambda: 2)  # one device on two cores
   assert models._image_chunks(25, per_image) is None          # 11 MB: at once
   chunks, size = models._image_chunks(75, per_image)          # 34 MB: chunked
-  assert chunks * size == 75 and size * per_image <= models.PATCH_CHUNK_BYTES
+  assert (chunks, size) == (15, 5) and size * per_image <= 2 * models.PATCH_CHUNK_BYTES
+  monkeypatch.setattr(models, "_cpu_cores_per_device", lambda: 1)  # one of two one-core devices
+  assert models._image_chunks(25, per_image) == (6, 4)        # and one image at once
+  assert models._image_chunks(75, per_image) == (25, 3)
+  strided_per_image = 7 * 7 * 576 * 4  # the strided Conv4's second layer: never chunked
+  assert models._image_chunks(500, strided_per_image, stride=2) is None
+  x, w = jnp.ones((25, 14, 14, 64)), jnp.ones((3, 3, 64, 64))
+  assert "scan" in str(jax.make_jaxpr(lambda x, w: conv2d_im2col(x, w, 1))(x, w))
+  assert "scan" not in str(jax.make_jaxpr(lambda x, w: conv2d_im2col(x, w, 2))(x, w))
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
+def test_cpu_cores_per_device_shares_the_cores_among_simulated_devices():
+  probe = ("import json, os; from advmaml import models; "
+           "print(json.dumps([len(os.sched_getaffinity(0)), models._cpu_cores_per_device()]))")
+  counts = {devices: json_verdict_on_devices(["-c", probe], devices) for devices in (1, 2, 64)}
+  cores = counts[1][0]
+  assert counts[1][1] == cores and counts[2][1] == max(1, cores // 2) and counts[64][1] == 1
 
 
 @pytest.mark.parametrize("size", [28, 7, 6, 3])
