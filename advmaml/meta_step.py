@@ -16,7 +16,7 @@ import optax
 from advmaml.data.episodes import sample_episodes
 from advmaml.maml import Learner
 from advmaml.objectives import Objective
-from advmaml.sharding import shard_tasks
+from advmaml.sharding import shard_tasks, traced_for_devices
 
 
 class TrainState(NamedTuple):
@@ -110,15 +110,17 @@ def make_train_step(learner: Learner, objective: Objective,
   task_chunk: tasks differentiated together (see ``meta_value_and_grad``; 0: all;
   -1: ``resolve_task_chunk``'s choice for the backend).
   """
-  task_chunk = resolve_task_chunk(task_chunk, mesh.devices.size if mesh is not None else 1)
+  num_devices = mesh.devices.size if mesh is not None else 1
+  task_chunk = resolve_task_chunk(task_chunk, num_devices)
 
   def train_step(state: TrainState, pool: jax.Array, key: jax.Array):
     step_key = jax.random.fold_in(key, state.step)
     task_key, objective_key = jax.random.split(step_key)
     tasks = shard_tasks(sample_episodes(pool, task_key, meta_batch_size, n_way, k_shot, q_query),
                         mesh)
-    (loss, metrics), grads = meta_value_and_grad(learner, objective, state.meta_params, tasks,
-                                                 objective_key, task_chunk)
+    with traced_for_devices(num_devices):
+      (loss, metrics), grads = meta_value_and_grad(learner, objective, state.meta_params, tasks,
+                                                   objective_key, task_chunk)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
     meta_params = optax.apply_updates(state.meta_params, updates)
     metrics = {**metrics, "outer_loss": loss, "grad_norm": optax.tree.norm(grads)}

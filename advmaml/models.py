@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from advmaml import sharding
+
 CONV_IMPLS = ("im2col", "taps", "winograd", "xla")
 VARIANTS = ("strided", "maxpool")
 
@@ -141,12 +143,13 @@ CHUNKED_STRIDES = (1,)
 
 
 def _cpu_cores_per_device() -> int:
-  """Cores per local CPU device (simulated host devices share the machine's cores)."""
+  """Cores for each device of the step being traced: simulated CPU devices share
+  this process's cores (``sharding.traced_for_devices``; one device gets them all)."""
   try:
     cores = len(os.sched_getaffinity(0))
   except AttributeError:  # not on Linux
     cores = os.cpu_count() or 1
-  return max(1, cores // jax.local_device_count())
+  return max(1, cores // sharding.traced_device_count())
 
 
 def _image_chunks(num_images: int, patch_bytes_per_image: int,

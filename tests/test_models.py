@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 from jax import lax
 
-from advmaml import models
+from advmaml import models, sharding
 from advmaml.flops import count_flops
 from advmaml.maml import Learner
 from advmaml.models import (conv2d_im2col, conv2d_taps, conv2d_winograd, conv2d_xla, make_model,
                             max_pool_2x2)
-from simulated_devices import json_verdict_on_devices
 
 
 @pytest.mark.parametrize("conv", [conv2d_im2col, conv2d_taps, conv2d_winograd])
@@ -139,13 +138,17 @@ def test_image_chunks_for_large_stride_1_patches_per_core(monkeypatch):
   assert "scan" not in str(jax.make_jaxpr(lambda x, w: conv2d_im2col(x, w, 2))(x, w))
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
-def test_cpu_cores_per_device_shares_the_cores_among_simulated_devices():
-  probe = ("import json, os; from advmaml import models; "
-           "print(json.dumps([len(os.sched_getaffinity(0)), models._cpu_cores_per_device()]))")
-  counts = {devices: json_verdict_on_devices(["-c", probe], devices) for devices in (1, 2, 64)}
-  cores = counts[1][0]
-  assert counts[1][1] == cores and counts[2][1] == max(1, cores // 2) and counts[64][1] == 1
+def test_cpu_cores_per_device_splits_the_cores_among_the_traced_devices():
+  """Simulated CPU devices share the process's cores; the step tells the model how many
+  devices it is split over (sharding.traced_for_devices; tests/test_sharding.py)."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  assert models._cpu_cores_per_device() == cores
+  with sharding.traced_for_devices(2):
+    assert models._cpu_cores_per_device() == max(1, cores // 2)
+    with sharding.traced_for_devices(cores + 1):
+      assert models._cpu_cores_per_device() == 1
+    assert models._cpu_cores_per_device() == max(1, cores // 2)
+  assert models._cpu_cores_per_device() == cores
 
 
 @pytest.mark.parametrize("size", [28, 7, 6, 3])

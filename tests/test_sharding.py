@@ -18,6 +18,8 @@ def _verdict_on_4_devices(script: str) -> dict:
 def test_sharded_meta_step_matches_single_device():
   verdict = _verdict_on_4_devices("sharded_step.py")
   assert verdict["all_reduce_4"] and not verdict["all_reduce_1"]   # really split, gradients reduced
+  # The model code was traced knowing its device's share of the cores (models' im2col chunks).
+  assert verdict["traced_devices_1"] == [1] and verdict["traced_devices_4"] == [4]
   assert verdict["max_abs_diff"] <= 1e-5 * max(1.0, verdict["param_scale"])
 
 
@@ -32,6 +34,7 @@ def test_sharded_evaluation_matches_single_device():
   """Evaluation calls split over 4 devices give the single-device per-episode metrics."""
   verdict = _verdict_on_4_devices("sharded_eval.py")
   assert verdict["devices_used_4"] == 4 and verdict["devices_used_1"] == 1  # really split
+  assert verdict["traced_devices_1"] == [1] and verdict["traced_devices_4"] == [4]
   assert verdict["metrics"] == ["clean_accuracy", "robust_accuracy@0.05"]
   assert verdict["n"] == 10   # 6 per call rounded up to 8; the extra episodes dropped
   assert verdict["per_episode_max_diff"] <= 1e-6
