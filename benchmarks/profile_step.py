@@ -2,6 +2,8 @@ r"""Where a benchmark workload's step spends its time: per-op totals from a JAX 
 
   python benchmarks/profile_step.py --config=B1 --steps=5 > results/benchmarks/profile-B1.txt
   python benchmarks/profile_step.py --config=B1 --overrides='{"conv_impl": "winograd"}'
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+      python benchmarks/profile_step.py --config=B1 --num_devices=2   # ms summed over devices
 
 Builds the same jitted step as ``python -m experiments.benchmark`` (the
 library's real train step), runs it twice off the clock, traces ``--steps``
