@@ -133,7 +133,7 @@ def _conv2d_im2col_at_once(x: jax.Array, kernel: jax.Array, stride: int) -> jax.
 # took 39.5 ms forward and backward at once, 27.2 ms in chunks
 # (benchmarks/conv_variants.py --images=75). Per core, because a device with one
 # core has half the cache of one with two: on two one-core devices chunking B1's
-# 25 query images (11 MB) sped B1 up 7-12%, on one two-core device it slowed B1
+# 25 query images (11 MB) sped B1 up 6-12%, on one two-core device it slowed B1
 # down. Stride-2 layers stay whole: chunked, they were slower at every budget
 # tried (docs/benchmark_notes.md, sections 17 and 18). Module-level so tests can
 # force the chunked path on tiny shapes.

@@ -133,9 +133,9 @@ def test_image_chunks_for_large_stride_1_patches_per_core(monkeypatch):
   assert models._image_chunks(75, per_image) == (25, 3)
   strided_per_image = 7 * 7 * 576 * 4  # the strided Conv4's second layer: never chunked
   assert models._image_chunks(500, strided_per_image, stride=2) is None
-  x, w = jnp.ones((25, 14, 14, 64)), jnp.ones((3, 3, 64, 64))
-  assert "scan" in str(jax.make_jaxpr(lambda x, w: conv2d_im2col(x, w, 1))(x, w))
-  assert "scan" not in str(jax.make_jaxpr(lambda x, w: conv2d_im2col(x, w, 2))(x, w))
+  w = jnp.ones((3, 3, 64, 64))  # 25 images at stride 1 and 100 at stride 2: 11 MB of patches each
+  assert "scan" in str(jax.make_jaxpr(lambda x: conv2d_im2col(x, w, 1))(jnp.ones((25, 14, 14, 64))))
+  assert "scan" not in str(jax.make_jaxpr(lambda x: conv2d_im2col(x, w, 2))(jnp.ones((100, 14, 14, 64))))
 
 
 def test_cpu_cores_per_device_splits_the_cores_among_the_traced_devices():

@@ -25,7 +25,6 @@ def metric(learner, meta_params, episode, key):
   return pgd_metric(learner, meta_params, episode, key)
 
 
-
 kw = dict(num_episodes=10, n_way=3, k_shot=1, q_query=2, inner_steps=2, batch_tasks=6,
           metric_fn=metric)
 summary, traced = {}, {}
