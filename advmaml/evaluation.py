@@ -59,7 +59,7 @@ def _evaluate_batch(meta_params, pool, key, start, *, learner, metric_fn, n_way,
   batch_tasks / devices episodes (which must divide), with meta_params and pool
   replicated. Episode i is the same computation wherever it runs.
   """
-  devices = 1 if mesh is None else mesh.devices.size
+  devices = sharding.device_count(mesh)
   if batch_tasks % devices:
     raise ValueError(f"{batch_tasks} evaluation episodes per call do not split over "
                      f"{devices} devices; use a multiple of {devices}")
@@ -72,9 +72,9 @@ def _evaluate_batch(meta_params, pool, key, start, *, learner, metric_fn, n_way,
   def run(indices, meta_params, pool, key):  # indices: (episodes on this device,)
     def one(i):
       episode, metric_key = evaluation_episode(pool, key, i, n_way, k_shot, q_query)
-      with sharding.traced_for_devices(devices):
-        return metric_fn(learner, meta_params, episode, metric_key)
-    return jax.lax.map(one, indices, batch_size=chunk)
+      return metric_fn(learner, meta_params, episode, metric_key)
+    with sharding.traced_for_devices(devices):
+      return jax.lax.map(one, indices, batch_size=chunk)
 
   if devices == 1:
     return run(indices, meta_params, pool, key)
@@ -101,9 +101,9 @@ def evaluate_episodes(learner: Learner, meta_params: dict, pool, key, *, num_epi
   """
   if metric_fn is None:
     metric_fn = functools.partial(clean_accuracy, inner_steps=inner_steps)
-  if mesh is not None and mesh.devices.size == 1:
+  devices = sharding.device_count(mesh)
+  if devices == 1:
     mesh = None   # one compiled program for every single-device caller
-  devices = 1 if mesh is None else mesh.devices.size
   # Rounded up to split over the devices; episodes past num_episodes are dropped.
   batch_tasks = -(-min(batch_tasks, num_episodes) // devices) * devices
   pool = sharding.replicate(jnp.asarray(pool), mesh)

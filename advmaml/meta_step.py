@@ -16,7 +16,7 @@ import optax
 from advmaml.data.episodes import sample_episodes
 from advmaml.maml import Learner
 from advmaml.objectives import Objective
-from advmaml.sharding import shard_tasks, traced_for_devices
+from advmaml.sharding import device_count, shard_tasks, traced_for_devices
 
 
 class TrainState(NamedTuple):
@@ -110,7 +110,7 @@ def make_train_step(learner: Learner, objective: Objective,
   task_chunk: tasks differentiated together (see ``meta_value_and_grad``; 0: all;
   -1: ``resolve_task_chunk``'s choice for the backend).
   """
-  num_devices = mesh.devices.size if mesh is not None else 1
+  num_devices = device_count(mesh)
   task_chunk = resolve_task_chunk(task_chunk, num_devices)
 
   def train_step(state: TrainState, pool: jax.Array, key: jax.Array):

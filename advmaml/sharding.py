@@ -51,8 +51,13 @@ def make_mesh(num_devices: int = 0) -> Mesh:
   return Mesh(np.array(devices[:num_devices or len(devices)]), (TASK_AXIS,))
 
 
+def device_count(mesh: Mesh | None) -> int:
+  """Devices a step on ``mesh`` is split over (1 without a mesh)."""
+  return 1 if mesh is None else mesh.devices.size
+
+
 def check_divisible(meta_batch_size: int, mesh: Mesh) -> None:
-  n = mesh.devices.size
+  n = device_count(mesh)
   if meta_batch_size % n:
     raise ValueError(f"--meta_batch_size={meta_batch_size} does not split over {n} devices; "
                      f"use a multiple of {n} or set --num_devices")
@@ -69,7 +74,7 @@ def by_task(mesh: Mesh) -> NamedSharding:
 
 def shard_tasks(tasks, mesh: Mesh | None):
   """Inside jit: constrains every array of ``tasks`` (leading task axis) to be split over devices."""
-  if mesh is None or mesh.devices.size == 1:
+  if device_count(mesh) == 1:
     return tasks
   return jax.lax.with_sharding_constraint(tasks, by_task(mesh))
 
