@@ -8,8 +8,8 @@ The second layer of the max-pool Conv4 on one task's 25 query images
 carries most of a B1/B3 step's matmul time (``--images=75``: B2's and B4's
 query sets). The library's ``conv2d_im2col`` runs over chunks of images once
 the patches pass ``models.PATCH_CHUNK_THRESHOLD_BYTES`` per core of the device
-(8 MiB: on one device of two cores more than 35 images here, on each of two
-simulated one-core devices more than 17); the row "im2col at once" is the
+(8 MiB: on one device of two cores, as here, more than 37 images; on each
+of two simulated one-core devices, in a split step, more than 18); the row "im2col at once" is the
 same without chunks. For each formulation it prints
 milliseconds (best of 3 runs of 50 calls) for building the patches alone, the
 forward, the forward plus the input gradient (what one PGD step needs) and

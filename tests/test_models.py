@@ -161,7 +161,8 @@ def test_max_pool_matches_reduce_window(size):
 
 
 def test_max_pool_ties_share_the_gradient_as_a_max_reduction_does_to_second_order():
-  """Constant image regions tie exactly; the custom backward splits like lax.max's rule."""
+  """Constant image regions tie exactly; the custom backward splits evenly, as the
+  derivative of a max reduction does."""
   reduction = lambda x: x.reshape(x.shape[0], x.shape[1] // 2, 2, x.shape[2] // 2, 2,
                                   x.shape[3]).max(axis=(2, 4))
   x = jax.random.normal(jax.random.key(0), (2, 8, 6, 3))
