@@ -16,7 +16,13 @@ Design notes:
 * A step folder appears atomically: files are written and fsynced in a
   ``.tmp-*`` folder that is then renamed to ``<step>``.  Folders are deleted by
   first renaming them to ``.tmp-*`` as well, so a crash never leaves a
-  half-deleted step folder.  One writer per checkpoint directory is assumed.
+  half-deleted step folder.  One writer per checkpoint directory is assumed
+  (training holds a lock on its workdir, `advmaml.workdir.WorkdirLock`).
+* Reading trusts nothing on disk: a step folder must be a real folder (not a
+  symbolic link), ``state.pkl`` and ``metadata.json`` regular files (no FIFO,
+  device or link, opened without following links and without blocking), and
+  ``state.pkl`` is read only up to the size its metadata gives.  A checkpoint
+  without metadata is refused unless the caller opts in (``trust_unverified``).
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ import pickle
 import re
 import secrets
 import shutil
+import stat
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from absl import logging
 import jax
@@ -53,6 +60,11 @@ STATE_FILE = "state.pkl"
 METADATA_FILE = "metadata.json"
 _TMP_PREFIX = ".tmp-"
 _STEP_RE = re.compile(r"[0-9]+")
+# Metadata is a few hundred bytes; anything larger is not ours.
+_MAX_METADATA_BYTES = 1 << 20
+# Without metadata there is no size to check against: a bound that any real
+# checkpoint of this library stays under (a ResNet-12 with Adam is ~150 MB).
+MAX_UNVERIFIED_BYTES = 4 << 30
 # Protocol 4 keeps array bytes in-band (protocol 5 may use out-of-band buffers).
 _PICKLE_PROTOCOL = 4
 
@@ -157,23 +169,42 @@ def _remove_dir(ckpt_dir: pathlib.Path, path: pathlib.Path) -> None:
   """Deletes `path` via an atomic rename to a temp name first."""
   trash = ckpt_dir / f"{_TMP_PREFIX}del-{path.name}-{secrets.token_hex(6)}"
   os.rename(path, trash)
-  shutil.rmtree(trash, ignore_errors=True)
+  if _is_real_dir(trash):
+    shutil.rmtree(trash, ignore_errors=True)
+  else:
+    trash.unlink(missing_ok=True)   # a link (or file) in a step's place: never followed
 
 
 def _remove_stale_tmp(ckpt_dir: pathlib.Path) -> None:
   for entry in ckpt_dir.iterdir():
-    if entry.name.startswith(_TMP_PREFIX) and entry.is_dir():
-      logging.info("Removing stale checkpoint temp folder %s", entry)
+    if not entry.name.startswith(_TMP_PREFIX):
+      continue
+    logging.info("Removing stale checkpoint temp entry %s", entry)
+    if entry.is_symlink() or not entry.is_dir():
+      entry.unlink(missing_ok=True)   # never follow a link out of the folder
+    else:
       shutil.rmtree(entry, ignore_errors=True)
 
 
-def _step_dirs(ckpt_dir: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
-  """All digit-named folders (complete or not), ascending by step."""
+def _step_entries(ckpt_dir: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
+  """All digit-named entries (folders, links, files), ascending by step."""
   if not ckpt_dir.is_dir():
     return []
-  found = [(int(p.name), p) for p in ckpt_dir.iterdir()
-           if _STEP_RE.fullmatch(p.name) and p.is_dir()]
+  found = [(int(p.name), p) for p in ckpt_dir.iterdir() if _STEP_RE.fullmatch(p.name)]
   return sorted(found, key=lambda item: (item[0], item[1].name))
+
+
+def _is_real_dir(path: pathlib.Path) -> bool:
+  """A folder that is not a symbolic link (is_dir alone follows links)."""
+  try:
+    return stat.S_ISDIR(os.lstat(path).st_mode)
+  except OSError:
+    return False
+
+
+def _step_dirs(ckpt_dir: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
+  """Digit-named real folders (complete or not), ascending by step."""
+  return [(step, p) for step, p in _step_entries(ckpt_dir) if _is_real_dir(p)]
 
 
 def list_checkpoints(ckpt_dir) -> list[tuple[int, pathlib.Path]]:
@@ -261,16 +292,78 @@ def save_checkpoint(ckpt_dir, step: int, tree: Any,
   return final
 
 
-def _read_metadata(meta_file: pathlib.Path) -> dict[str, Any]:
+def _kind(mode: int) -> str:
+  for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"),
+                     (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                     (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+    if test(mode):
+      return name
+  return "not a regular file"
+
+
+def _read_regular(path: pathlib.Path, max_bytes: int, *, exact: int | None = None) -> bytes:
+  """Reads a regular file that is no link, refusing more than ``max_bytes``.
+
+  Opened with O_NOFOLLOW (a link, e.g. to /dev/zero, is refused) and
+  O_NONBLOCK (a FIFO cannot hang the open); the type and size come from
+  fstat of the open file, so they describe what is read.  ``exact``: the
+  size the metadata promises; any other size is refused before reading.
+
+  Raises:
+    CheckpointError: naming the file and what is wrong with it.
+  """
+  flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
   try:
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+  except OSError as e:
+    try:
+      kind = _kind(os.lstat(path).st_mode)
+    except OSError:
+      kind = None
+    if kind == "a symbolic link":
+      raise CheckpointError(f"{path}: is a symbolic link; checkpoints are read only from "
+                            "regular files, copy the file in its place") from None
+    raise CheckpointError(f"{path}: cannot read checkpoint ({e.strerror or e}); check the "
+                          "path, or restore an earlier step") from None
+  try:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+      raise CheckpointError(f"{path}: is {_kind(st.st_mode)}, not a regular file; "
+                            "replace it with the checkpoint file or delete the step folder")
+    if exact is not None and st.st_size != exact:
+      raise CheckpointError(
+          f"{path}: checkpoint is truncated or corrupt (size {st.st_size} bytes, metadata "
+          f"says {exact}); delete the step folder and restore an earlier step")
+    if st.st_size > max_bytes:
+      raise CheckpointError(f"{path}: {st.st_size} bytes is more than the {max_bytes} a "
+                            "checkpoint may have; it is not an advmaml checkpoint")
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb", closefd=True) as f:
+      fd = None
+      data = f.read(max_bytes + 1)
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot read checkpoint ({e.strerror or e}); check the "
+                          "path, or restore an earlier step") from None
+  finally:
+    if fd is not None:
+      os.close(fd)
+  if len(data) > max_bytes or (exact is not None and len(data) != exact):
+    raise CheckpointError(f"{path}: changed size while being read; it is being written by "
+                          "another process, or is not a checkpoint")
+  return data
+
+
+def _read_metadata(meta_file: pathlib.Path) -> dict[str, Any]:
+  raw = _read_regular(meta_file, _MAX_METADATA_BYTES)
+  try:
+    meta = json.loads(raw.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise CheckpointError(
         f"{meta_file}: metadata is truncated or corrupt ({e}); delete the "
         "step folder and restore an earlier step") from None
   expected = {"step": int, "format_version": int, "sha256": str, "nbytes": int}
   if not isinstance(meta, dict) or any(
-      type(meta.get(k)) is not t for k, t in expected.items()):
+      type(meta.get(k)) is not t for k, t in expected.items()) or meta["nbytes"] < 0:
     raise CheckpointError(
         f"{meta_file}: metadata is truncated or corrupt (needs keys "
         f"{sorted(expected)}); delete the step folder and restore an earlier "
@@ -282,81 +375,115 @@ def _read_metadata(meta_file: pathlib.Path) -> dict[str, Any]:
   return meta
 
 
-def load_checkpoint(path) -> tuple[int, Any]:
+def load_checkpoint(path, *, trust_unverified: bool = False) -> tuple[int, Any]:
   """Loads one checkpoint.
 
   Args:
     path: a step folder, or a ``state.pkl`` file.
+    trust_unverified: load a ``state.pkl`` that has no ``metadata.json``
+      (no size or checksum to verify it against; it is still unpickled
+      safely, and read only up to `MAX_UNVERIFIED_BYTES`).  Off: refused.
 
   Returns:
-    (step, tree).  The step comes from metadata.json, or else from the digit
-    name of the folder.
+    (step, tree).  The step comes from metadata.json (it must agree with a
+    digit-named folder and with the tree's own ``"step"`` entry, if any), or,
+    unverified, from the digit name of the folder.
 
   Raises:
-    CheckpointError: missing, truncated, corrupt or unsafe checkpoint.
+    CheckpointError: missing, truncated, corrupt, unverified or unsafe
+      checkpoint; the message names the file and the fix.
   """
   path = pathlib.Path(path)
-  state_file = path / STATE_FILE if path.is_dir() else path
+  state_file = path / STATE_FILE if _is_real_dir(path) else path
+  if path.is_symlink() and path.is_dir():
+    raise CheckpointError(f"{path}: the step folder is a symbolic link; checkpoints are read "
+                          "only from real folders, copy it in its place")
   folder = state_file.parent
-  try:
-    data = state_file.read_bytes()
-  except OSError as e:
-    raise CheckpointError(
-        f"{state_file}: cannot read checkpoint ({e.strerror or e}); check the "
-        "path, or restore an earlier step") from None
-
   meta_file = folder / METADATA_FILE
-  step = None
-  if meta_file.exists():
+  if os.path.lexists(meta_file):
     meta = _read_metadata(meta_file)
-    if len(data) != meta["nbytes"]:
-      raise CheckpointError(
-          f"{state_file}: checkpoint is truncated or corrupt (size "
-          f"{len(data)} bytes, metadata says {meta['nbytes']}); delete the "
-          "step folder and restore an earlier step")
-    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-      raise CheckpointError(
-          f"{state_file}: checkpoint is truncated or corrupt (sha256 "
-          "does not match metadata); delete the step folder and restore "
-          "an earlier step")
     step = meta["step"]
     if _STEP_RE.fullmatch(folder.name) and int(folder.name) != step:
       raise CheckpointError(
           f"{meta_file}: metadata step {step} does not match folder name "
           f"{folder.name!r}; the folder was renamed or files were mixed up")
-  elif _STEP_RE.fullmatch(folder.name):
+    data = _read_regular(state_file, meta["nbytes"], exact=meta["nbytes"])
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+      raise CheckpointError(
+          f"{state_file}: checkpoint is truncated or corrupt (sha256 "
+          "does not match metadata); delete the step folder and restore "
+          "an earlier step")
+  elif not trust_unverified:
+    raise CheckpointError(
+        f"{state_file}: no {METADATA_FILE} beside it, so its size and checksum cannot be "
+        "verified; refused. Restore the metadata file, or pass --trust_unverified to load it "
+        "anyway (still without running any code from it)")
+  else:
+    if not _STEP_RE.fullmatch(folder.name):
+      raise CheckpointError(
+          f"{state_file}: cannot tell the step (no {METADATA_FILE} and the "
+          "folder name is not a number); put it in a folder named after its step")
     step = int(folder.name)
+    data = _read_regular(state_file, MAX_UNVERIFIED_BYTES)
+    logging.warning("%s: loading without %s (--trust_unverified): size and checksum unchecked",
+                    state_file, METADATA_FILE)
 
   tree = safe_loads(data, source=str(state_file))
-  if step is None:
-    raise CheckpointError(
-        f"{state_file}: cannot tell the step (no {METADATA_FILE} and the "
-        "folder name is not a number); put it in a folder named after its step")
+  if isinstance(tree, dict) and "step" in tree:
+    saved = tree["step"]
+    if isinstance(saved, (bool, np.bool_)) or not isinstance(saved, (int, np.integer)) \
+        or int(saved) != step:
+      raise CheckpointError(
+          f"{state_file}: holds step {saved!r} but is stored as step {step}; the files were "
+          "mixed up, delete the step folder and restore an earlier step")
   return step, tree
 
 
-def restore_latest(ckpt_dir) -> tuple[int, Any] | None:
-  """Loads the newest checkpoint that loads, skipping bad ones.
+T = TypeVar("T")
 
-  Each skipped checkpoint is reported with ``absl.logging.warning``.
+
+def restore_latest(ckpt_dir, parse: Callable[[int, Any], T] | None = None, *,
+                   trust_unverified: bool = False) -> tuple[int, T] | None:
+  """Loads the newest checkpoint that loads (and parses), skipping bad ones.
+
+  Each skipped checkpoint is reported with ``absl.logging.warning`` and a
+  one-line reason; so is a digit-named entry that is not a real folder (a
+  symbolic link, a file), which is never followed.
+
+  Args:
+    ckpt_dir: the checkpoint directory.
+    parse: ``parse(step, tree)`` turns a loaded tree into what the caller
+      needs, raising CheckpointError if it cannot (wrong shapes, missing
+      entries, non-finite values); that checkpoint is then skipped too.
+      None returns the tree itself.
+    trust_unverified: see `load_checkpoint`.
 
   Returns:
-    (step, tree), or None if `ckpt_dir` does not exist or has no step folders.
+    (step, parse(step, tree)), or None if `ckpt_dir` does not exist or has no
+    step folders.
 
   Raises:
     CheckpointError: step folders exist but none of them loads.
   """
   ckpt_dir = pathlib.Path(ckpt_dir)
-  candidates = _step_dirs(ckpt_dir)
-  if not candidates:
+  entries = _step_entries(ckpt_dir)
+  candidates = []
+  for step, path in entries:
+    if _is_real_dir(path):
+      candidates.append((step, path))
+    else:
+      logging.warning("Skipping %s: not a real folder (a symbolic link or a file); step "
+                      "folders are never followed out of %s", path, ckpt_dir)
+  if not entries:
     return None
   for _, path in reversed(candidates):
     try:
-      return load_checkpoint(path)
+      step, tree = load_checkpoint(path, trust_unverified=trust_unverified)
+      return step, (tree if parse is None else parse(step, tree))
     except CheckpointError as e:
       logging.warning("Skipping bad checkpoint %s: %s", path, e)
   raise CheckpointError(
-      f"{ckpt_dir}: none of the {len(candidates)} checkpoints "
-      f"(steps {[s for s, _ in candidates]}) could be loaded; see the "
+      f"{ckpt_dir}: none of the {len(entries)} checkpoints "
+      f"(steps {[s for s, _ in entries]}) could be loaded; see the "
       "warnings above, then repair or delete them (or use a new directory to "
       "start from scratch)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 
@@ -76,7 +77,7 @@ class Config:
     return dataclasses.replace(self, **changes)
 
   def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, allow_nan=False)
 
   @classmethod
   def from_dict(cls, values: dict[str, Any]) -> "Config":
@@ -149,8 +150,16 @@ def preset(name: str, **overrides) -> Config:
 
 def _positive(cfg: Config, *names: str):
   for name in names:
-    if getattr(cfg, name) <= 0:
+    if not getattr(cfg, name) > 0:   # `not >` also refuses NaN
       raise ConfigError(f"--{name}={getattr(cfg, name)} must be positive")
+
+
+def _finite_floats(cfg: Config) -> None:
+  """NaN or inf in any float setting (learning rates, radii, betas) is refused by name."""
+  for field in dataclasses.fields(cfg):
+    value = getattr(cfg, field.name)
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"--{field.name}={value} must be a finite number")
 
 
 def validate(cfg: Config) -> None:
@@ -161,6 +170,7 @@ def validate(cfg: Config) -> None:
     sources.check_protocol(cfg.dataset, cfg.split, cfg.rotate)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  _finite_floats(cfg)
   _positive(cfg, "n_way", "k_shot", "q_query", "eval_q_query", "image_size", "filters",
             "meta_batch_size", "outer_lr", "num_steps", "log_every", "checkpoint_every",
             "keep_checkpoints", "test_episodes", "eval_batch_tasks", "val_episodes")
@@ -172,7 +182,7 @@ def validate(cfg: Config) -> None:
   if cfg.task_chunk < -1 or (cfg.task_chunk > 0 and cfg.meta_batch_size % cfg.task_chunk):
     raise ConfigError(f"--task_chunk={cfg.task_chunk} must divide --meta_batch_size="
                       f"{cfg.meta_batch_size}, or be 0 (all tasks at once) or -1 (auto)")
-  if cfg.inner_lr < 0:
+  if not cfg.inner_lr >= 0:
     raise ConfigError(f"--inner_lr={cfg.inner_lr} must be >= 0")
   if cfg.model not in models.VARIANTS:
     raise ConfigError(f"--model={cfg.model!r}; choose one of {models.VARIANTS}")
@@ -196,6 +206,10 @@ def _validate_train_attack(cfg: Config) -> None:
   for name in ("train_epsilon", "trades_beta", "rmaml_beta"):
     if not getattr(cfg, name) >= 0:
       raise ConfigError(f"--{name}={getattr(cfg, name)} must be >= 0")
+  if cfg.train_norm == "linf" and cfg.train_epsilon > 1:
+    raise ConfigError(f"--train_epsilon={cfg.train_epsilon} is larger than 1, the whole [0, 1] "
+                      "pixel range, so the L-inf attack may replace any image; use a radius "
+                      "in [0, 1] (e.g. 0.1, or 8/255=0.0314 on RGB data)")
   if cfg.train_attack_steps < 1:
     raise ConfigError(f"--train_attack_steps={cfg.train_attack_steps} must be >= 1")
   if cfg.train_step_size is not None and not cfg.train_step_size > 0:

@@ -13,8 +13,8 @@ from advmaml import checkpoint, sharding
 from advmaml.config import Config, ConfigError, validate_against_data
 from advmaml.data.sources import load_class_splits
 from advmaml.evaluation import evaluate_episodes
-from advmaml.training import (Experiment, atomic_write_text, build_experiment, initial_state,
-                              state_from_tree)
+from advmaml.training import Experiment, build_experiment, initial_state, state_from_tree
+from advmaml.workdir import atomic_write_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,16 +26,20 @@ class TrainedRun:
   source: str        # checkpoint folder it came from
 
 
-def _find_checkpoint(path: pathlib.Path) -> tuple[int, dict, pathlib.Path]:
-  """Accepts a workdir, its checkpoints/ folder, a step folder or a state.pkl."""
-  if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist; pass a training --workdir or a checkpoint folder")
-  for ckpt_dir in (path / "checkpoints", path):
-    if ckpt_dir.is_dir() and checkpoint.list_checkpoints(ckpt_dir):
-      step, tree = checkpoint.restore_latest(ckpt_dir)
-      return step, tree, ckpt_dir / str(step)
-  step, tree = checkpoint.load_checkpoint(path)
-  return step, tree, path
+def _run_from_tree(tree, source: str, data_dir: str | None) -> TrainedRun:
+  """The network and meta-parameters of one loaded checkpoint (CheckpointError if unusable)."""
+  if not isinstance(tree, dict) or not isinstance(tree.get("config"), dict):
+    raise checkpoint.CheckpointError(f"{source}: holds no config; not an advmaml training checkpoint")
+  try:
+    cfg = Config.from_dict(tree["config"])
+  except (ConfigError, TypeError) as e:
+    raise checkpoint.CheckpointError(f"{source}: its config is not one this advmaml knows "
+                                     f"({e}); use the advmaml version that wrote it") from None
+  if data_dir is not None:
+    cfg = cfg.replace(data_dir=data_dir)
+  exp = build_experiment(cfg, image_shape_for(cfg))
+  state = state_from_tree(tree, initial_state(exp, cfg.seed), source)
+  return TrainedRun(cfg, exp, state.meta_params, int(state.step), source)
 
 
 def image_shape_for(cfg: Config) -> tuple[int, int, int]:
@@ -44,26 +48,31 @@ def image_shape_for(cfg: Config) -> tuple[int, int, int]:
   return (cfg.image_size, cfg.image_size, channels)
 
 
-def load_checkpointed_run(path: str | os.PathLike, data_dir: str | None = None) -> TrainedRun:
-  """Loads the newest good checkpoint under ``path`` and rebuilds its network.
+def load_checkpointed_run(path: str | os.PathLike, data_dir: str | None = None, *,
+                          trust_unverified: bool = False) -> TrainedRun:
+  """Loads the newest usable checkpoint under ``path`` and rebuilds its network.
 
+  ``path``: a workdir, its checkpoints/ folder, a step folder or a state.pkl.
   The config stored in the checkpoint decides the network, so a model is
-  always evaluated as it was trained. No data is read.
+  always evaluated as it was trained. A checkpoint that does not load, does
+  not fit its config or holds NaN/inf is skipped with a warning (in a
+  workdir) or refused (a single step). No data is read.
   """
-  step, tree, source = _find_checkpoint(pathlib.Path(path))
-  if not isinstance(tree, dict) or not isinstance(tree.get("config"), dict):
-    raise checkpoint.CheckpointError(f"{source}: holds no config; not an advmaml training checkpoint")
-  cfg = Config.from_dict(tree["config"])
-  if data_dir is not None:
-    cfg = cfg.replace(data_dir=data_dir)
-  exp = build_experiment(cfg, image_shape_for(cfg))
-  state = state_from_tree(tree, initial_state(exp, cfg.seed), str(source))
-  return TrainedRun(cfg, exp, state.meta_params, step, str(source))
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist; pass a training --workdir or a checkpoint folder")
+  for ckpt_dir in (path / "checkpoints", path):
+    if ckpt_dir.is_dir() and checkpoint.list_checkpoints(ckpt_dir):
+      parse = lambda step, tree: _run_from_tree(tree, str(ckpt_dir / str(step)), data_dir)
+      return checkpoint.restore_latest(ckpt_dir, parse, trust_unverified=trust_unverified)[1]
+  _, tree = checkpoint.load_checkpoint(path, trust_unverified=trust_unverified)
+  return _run_from_tree(tree, str(path), data_dir)
 
 
-def load_trained(path: str | os.PathLike, data_dir: str | None = None) -> tuple[TrainedRun, dict]:
+def load_trained(path: str | os.PathLike, data_dir: str | None = None, *,
+                 trust_unverified: bool = False) -> tuple[TrainedRun, dict]:
   """The newest good checkpoint under ``path`` and the class splits of the protocol it was trained on."""
-  run = load_checkpointed_run(path, data_dir)
+  run = load_checkpointed_run(path, data_dir, trust_unverified=trust_unverified)
   cfg = run.cfg
   splits = load_class_splits(cfg.dataset, data_dir=cfg.data_dir, split=cfg.split,
                              split_seed=cfg.split_seed, rotate=cfg.rotate,

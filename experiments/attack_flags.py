@@ -69,6 +69,9 @@ def attack_settings_from_flags() -> AttackSettings:
     raise app.UsageError("--attacks is empty but --epsilons asks for robust accuracy")
   if NORM.value not in robust_eval.NORMS:
     raise app.UsageError(f"--norm={NORM.value!r}; choose one of {robust_eval.NORMS}")
+  if NORM.value == "linf" and any(eps > 1 for eps in epsilons):
+    raise app.UsageError(f"--epsilons={EPSILONS.value!r}: an L-inf radius above 1 covers the "
+                         "whole [0, 1] pixel range; use radii in [0, 1]")
   if ATTACK_STEPS.value < 1:
     raise app.UsageError(f"--attack_steps={ATTACK_STEPS.value} must be at least 1")
   if RESTARTS.value < 1:

@@ -18,14 +18,11 @@ import jax
 from absl import app, flags, logging
 
 from advmaml import plots, robust_eval
-from advmaml.checkpoint import CheckpointError
-from advmaml.config import ConfigError
 from advmaml.evaluation import evaluation_episode
-from advmaml.data.omniglot import DataError
 from advmaml.trained_runs import evaluate_trained, load_trained, write_json
 from experiments.attack_flags import (AttackSettings, attack_record, attack_settings_from_flags,
                                       metric_fn_from_settings)
-from experiments import malloc_flag
+from experiments import cli, malloc_flag
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, or a checkpoint folder/file.",
                               required=True)
@@ -64,21 +61,26 @@ def _write_plots(run, splits, record, settings: AttackSettings, folder: pathlib.
 
 
 def main(argv):
+  with cli.one_line_errors():
+    _main(argv)
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   malloc_flag.apply()
   if EPISODES.value is not None and EPISODES.value < 1:
     raise app.UsageError(f"--episodes={EPISODES.value} must be at least 1")
+  if INNER_STEPS.value is not None and INNER_STEPS.value < 0:
+    raise app.UsageError(f"--inner_steps={INNER_STEPS.value} must be >= 0 (0: no adaptation)")
   settings = attack_settings_from_flags()  # before loading anything: fail fast
-  try:
-    run, splits = load_trained(WORKDIR.value, DATA_DIR.value)
-    inner_steps = run.cfg.eval_inner_steps if INNER_STEPS.value is None else INNER_STEPS.value
-    metric_fn = metric_fn_from_settings(settings, run.cfg.n_way, inner_steps)
-    record = evaluate_trained(run, splits, split=SPLIT.value, num_episodes=EPISODES.value,
-                              seed=SEED.value, inner_steps=INNER_STEPS.value, metric_fn=metric_fn,
-                              num_devices=NUM_DEVICES.value)
-  except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from None
+  run, splits = load_trained(WORKDIR.value, DATA_DIR.value,
+                             trust_unverified=cli.TRUST_UNVERIFIED.value)
+  inner_steps = run.cfg.eval_inner_steps if INNER_STEPS.value is None else INNER_STEPS.value
+  metric_fn = metric_fn_from_settings(settings, run.cfg.n_way, inner_steps)
+  record = evaluate_trained(run, splits, split=SPLIT.value, num_episodes=EPISODES.value,
+                            seed=SEED.value, inner_steps=INNER_STEPS.value, metric_fn=metric_fn,
+                            num_devices=NUM_DEVICES.value)
   workdir = pathlib.Path(WORKDIR.value)
   folder = workdir if workdir.is_dir() else workdir.parent
   output = OUTPUT.value or folder / f"eval_{SPLIT.value}.json"

@@ -12,14 +12,11 @@ import pathlib
 
 from absl import app, flags, logging
 
-from advmaml.checkpoint import CheckpointError
-from advmaml.config import ConfigError
 from advmaml.data.lake_runs import load_lake_runs
-from advmaml.data.omniglot import DataError
 from advmaml.lake_eval import check_model_fits_lake, evaluate_lake
 from advmaml.trained_runs import load_checkpointed_run, write_json
 from experiments.attack_flags import attack_record, attack_settings_from_flags, metric_fn_from_settings
-from experiments import malloc_flag
+from experiments import cli, malloc_flag
 
 RUNS = flags.DEFINE_string("runs", None, "Lake's all_runs.zip, or the folder it extracts to.",
                            required=True)
@@ -31,17 +28,21 @@ OUTPUT = flags.DEFINE_string("output", None, "JSON output path (default <workdir
 
 
 def main(argv):
+  with cli.one_line_errors():
+    _main(argv)
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   malloc_flag.apply()
+  if INNER_STEPS.value is not None and INNER_STEPS.value < 0:
+    raise app.UsageError(f"--inner_steps={INNER_STEPS.value} must be >= 0 (0: no adaptation)")
   settings = attack_settings_from_flags()
-  try:
-    run = load_checkpointed_run(WORKDIR.value)
-    cfg = run.cfg
-    check_model_fits_lake(cfg)   # before decoding the runs: fail fast
-    runs, names = load_lake_runs(RUNS.value, image_size=cfg.image_size)
-  except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from None
+  run = load_checkpointed_run(WORKDIR.value, trust_unverified=cli.TRUST_UNVERIFIED.value)
+  cfg = run.cfg
+  check_model_fits_lake(cfg)   # before decoding the runs: fail fast
+  runs, names = load_lake_runs(RUNS.value, image_size=cfg.image_size)
   inner_steps = cfg.eval_inner_steps if INNER_STEPS.value is None else INNER_STEPS.value
   metric_fn = metric_fn_from_settings(settings, cfg.n_way, inner_steps)
   record = evaluate_lake(run.exp.learner, run.meta_params, cfg, runs, names, inner_steps=inner_steps,

@@ -9,10 +9,9 @@ Running again with the same --workdir resumes from its newest checkpoint.
 import jax
 from absl import app, flags, logging
 
-from advmaml.config import ConfigError
-from advmaml.data.omniglot import DataError
+from advmaml.config import validate
 from advmaml.training import train
-from experiments import config_flags, malloc_flag
+from experiments import cli, config_flags, malloc_flag
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Folder for config, metrics and checkpoints.",
                               required=True)
@@ -34,12 +33,11 @@ def main(argv):
   if COORDINATOR.value or DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=COORDINATOR.value,
                                num_processes=NUM_PROCESSES.value, process_id=PROCESS_ID.value)
-  try:
+  with cli.one_line_errors():
     cfg = config_flags.config_from_flags()
+    validate(cfg)   # before the config is printed: NaN is refused, not printed
     logging.info("Config:\n%s", cfg.to_json())
-    train(cfg, WORKDIR.value)
-  except (ConfigError, DataError) as e:
-    raise app.UsageError(str(e)) from None
+    train(cfg, WORKDIR.value, trust_unverified=cli.TRUST_UNVERIFIED.value)
 
 
 if __name__ == "__main__":

@@ -299,12 +299,15 @@ def test_out_of_band_buffers_are_refused():
 # --- damaged files and fallback --------------------------------------------
 
 
-def test_truncated_without_metadata_is_corrupt(tmp_path):
+def test_without_metadata_is_refused_unless_trusted_and_then_still_checked(tmp_path):
   folder = ckpt.save_checkpoint(tmp_path, 4, _sample_tree())
   (folder / "metadata.json").unlink()
+  with pytest.raises(ckpt.CheckpointError, match="no metadata.json .* refused.*--trust_unverified"):
+    ckpt.load_checkpoint(folder)
+  assert ckpt.load_checkpoint(folder, trust_unverified=True)[0] == 4
   _truncate(folder / "state.pkl")
   with pytest.raises(ckpt.CheckpointError, match="truncated or corrupt"):
-    ckpt.load_checkpoint(folder)
+    ckpt.load_checkpoint(folder, trust_unverified=True)
 
 
 def test_truncated_with_metadata_is_corrupt(tmp_path):
@@ -334,10 +337,11 @@ def test_restore_latest_falls_back_and_warns(tmp_path, caplog, keep_metadata):
     (tmp_path / "3" / "metadata.json").unlink()
   _truncate(tmp_path / "3" / "state.pkl")
 
-  step, tree = ckpt.restore_latest(tmp_path)
+  step, tree = ckpt.restore_latest(tmp_path, trust_unverified=not keep_metadata)
   assert step == 2
   _assert_same(tree, trees[2])
-  warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+  warnings = [r for r in caplog.records if r.levelname == "WARNING"
+              and "Skipping" in r.getMessage()]
   assert len(warnings) == 1
   assert str(tmp_path / "3") in warnings[0].getMessage()
   assert "truncated or corrupt" in warnings[0].getMessage()
@@ -393,3 +397,35 @@ def test_save_refuses_reference_cycle(tmp_path):
   loop.append(loop)
   with pytest.raises(TypeError, match="cycle"):
     ckpt.save_checkpoint(tmp_path, 1, {"loop": loop})
+
+
+def test_special_files_are_refused_without_blocking(tmp_path):
+  """A FIFO would block open() and read() forever; /dev/zero would never end."""
+  import threading
+  folder = ckpt.save_checkpoint(tmp_path, 3, _sample_tree())
+  (folder / "state.pkl").unlink()
+  os.mkfifo(folder / "state.pkl")
+  errors = []
+  reader = threading.Thread(target=lambda: errors.append(_error_of(ckpt.load_checkpoint, folder)),
+                            daemon=True)
+  reader.start()
+  reader.join(timeout=20)
+  assert not reader.is_alive(), "reading a FIFO checkpoint hung"
+  assert "is a FIFO, not a regular file" in errors[0]
+  (folder / "state.pkl").unlink()
+  (folder / "state.pkl").symlink_to("/dev/zero")
+  assert "symbolic link" in _error_of(ckpt.load_checkpoint, folder)
+  os.unlink(folder / "state.pkl")
+  os.truncate(folder / "metadata.json", 0)
+  with open(folder / "metadata.json", "wb") as f:
+    f.truncate(ckpt._MAX_METADATA_BYTES + 1)
+  (folder / "state.pkl").write_bytes(b"x")
+  assert "more than" in _error_of(ckpt.load_checkpoint, folder)
+
+
+def _error_of(fn, *args) -> str:
+  try:
+    fn(*args)
+  except ckpt.CheckpointError as e:
+    return str(e)
+  return "no error"

@@ -82,6 +82,39 @@ def test_bad_runs_are_reported(tmp_path):
     load_lake_runs(bad)
 
 
+def _runs_with(tmp_path, replaced: dict) -> pathlib.Path:
+  """A copy of the fake all_runs.zip with some members' bytes replaced."""
+  out = tmp_path / "damaged.zip"
+  with zipfile.ZipFile(write_runs(tmp_path / "ok.zip")) as src, zipfile.ZipFile(out, "w") as dst:
+    for name in src.namelist():
+      dst.writestr(name, replaced.get(name, src.read(name)))
+  return out
+
+
+@pytest.mark.parametrize("member, data, message", [
+    ("all_runs/run02/training/class07.png", b"\x89PNG\r\n\x1a\nnot really",
+     r"run02/training/class07.png is not a readable PNG"),
+    ("all_runs/run03/class_labels.txt", b"run03/test/item01.png \xff\xfe",
+     r"run03/class_labels.txt is not UTF-8 text"),
+])
+def test_damaged_files_name_the_member(tmp_path, member, data, message):
+  with pytest.raises(DataError, match=message):
+    load_lake_runs(_runs_with(tmp_path, {member: data}))
+
+
+def test_entry_point_reports_a_corrupt_png_in_one_line(tmp_path):
+  cfg = lake_cfg()
+  exp = build_experiment(cfg, (28, 28, 1))
+  checkpoint.save_checkpoint(tmp_path / "run" / "checkpoints", 0,
+                             state_to_tree(initial_state(exp, 0), cfg))
+  runs = _runs_with(tmp_path, {"all_runs/run01/test/item01.png": b"garbage"})
+  out = subprocess.run([sys.executable, "-m", "experiments.evaluate_lake", f"--runs={runs}",
+                        f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert "error: " in out.stderr and "item01.png is not a readable PNG" in out.stderr
+
+
 def test_scores_a_model_that_can_fit_the_runs(tmp_path):
   """Items equal their class's training image, so adapting to the support set solves every run."""
   cfg = lake_cfg()

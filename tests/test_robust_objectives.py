@@ -329,14 +329,14 @@ def test_train_attack_config_maps_the_flags():
 
 
 def test_runs_saved_before_train_attack_best_resume_as_they_ran(tmp_path):
-  from advmaml.training import check_or_write_config
+  from advmaml.training import check_saved_config
   old = json.loads(config.Config(objective="aq").to_json())
   del old["train_attack_best"]  # what a config.json from before the field holds
   (tmp_path / "config.json").write_text(json.dumps(old))
   assert config.Config.from_dict(old).train_attack_best
   with pytest.raises(config.ConfigError, match="--train_attack_best: saved True vs now False"):
-    check_or_write_config(tmp_path, config.Config(objective="aq"))
-  check_or_write_config(tmp_path, config.Config(objective="aq", train_attack_best=True))
+    check_saved_config(tmp_path, config.Config(objective="aq"))
+  check_saved_config(tmp_path, config.Config(objective="aq", train_attack_best=True))
 
 
 @pytest.mark.parametrize("changes, flag", [

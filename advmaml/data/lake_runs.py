@@ -15,6 +15,7 @@ import os
 import pathlib
 import re
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -50,9 +51,28 @@ class _Files:
     if full not in self.names:
       raise DataError(f"{self.path}: {full} is missing; the runs must follow all_runs.zip's "
                       "layout runNN/{training/classKK.png,test/itemMM.png,class_labels.txt}")
-    if self._zip is not None:
-      return self._zip.read(full)
-    return (self.path / full).read_bytes()
+    try:
+      if self._zip is not None:
+        return self._zip.read(full)
+      return (self.path / full).read_bytes()
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as e:
+      raise DataError(f"{self.path}: cannot read {full} ({e}); re-extract or re-download "
+                      "all_runs.zip") from None
+
+  def image(self, name: str, image_size: int) -> np.ndarray:
+    data = self.read(name)
+    try:
+      return decode_png(data, image_size)
+    except Exception as e:  # pylint: disable=broad-except  # PIL raises many kinds for bad bytes
+      raise DataError(f"{self.path}: {self.prefix + name} is not a readable PNG "
+                      f"({type(e).__name__}); re-extract or re-download all_runs.zip") from None
+
+  def text(self, name: str) -> str:
+    try:
+      return self.read(name).decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise DataError(f"{self.path}: {self.prefix + name} is not UTF-8 text ({e.reason} at "
+                      f"byte {e.start}); re-extract or re-download all_runs.zip") from None
 
 
 def load_lake_runs(path: str | os.PathLike, image_size: int = 28) -> tuple[Episode, list[str]]:
@@ -74,9 +94,9 @@ def load_lake_runs(path: str | os.PathLike, image_size: int = 28) -> tuple[Episo
   query_y = np.full((NUM_RUNS, NUM_CLASSES), -1, np.int32)
   for r, run in enumerate(runs):
     for k in range(NUM_CLASSES):
-      support[r, k, ..., 0] = decode_png(files.read(f"{run}/training/class{k + 1:02d}.png"), image_size)
-      query[r, k, ..., 0] = decode_png(files.read(f"{run}/test/item{k + 1:02d}.png"), image_size)
-    lines = files.read(f"{run}/class_labels.txt").decode().split("\n")
+      support[r, k, ..., 0] = files.image(f"{run}/training/class{k + 1:02d}.png", image_size)
+      query[r, k, ..., 0] = files.image(f"{run}/test/item{k + 1:02d}.png", image_size)
+    lines = files.text(f"{run}/class_labels.txt").split("\n")
     for line in filter(None, (l.strip() for l in lines)):
       m = _LINE_RE.match(line)
       if not m or m.group(1) != run or m.group(3) != run:
