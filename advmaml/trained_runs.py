@@ -12,7 +12,7 @@ import jax
 from advmaml import checkpoint, sharding
 from advmaml.config import Config, ConfigError, validate_against_data
 from advmaml.data.sources import load_class_splits
-from advmaml.evaluation import evaluate_episodes
+from advmaml.evaluation import evaluate_episodes, evaluation_episode
 from advmaml.training import Experiment, build_experiment, initial_state, state_from_tree
 from advmaml.workdir import atomic_write_text
 
@@ -98,6 +98,9 @@ def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_
   validate_against_data(cfg, {split: splits[split].images})
   num_episodes = cfg.test_episodes if num_episodes is None else num_episodes
   inner_steps = cfg.eval_inner_steps if inner_steps is None else inner_steps
+  first, _ = evaluation_episode(jax.numpy.asarray(splits[split].images), jax.random.key(seed), 0,
+                                cfg.n_way, cfg.k_shot, cfg.eval_q_query)
+  check_outputs_finite(run, first, inner_steps)
   results = evaluate_episodes(
       run.exp.learner, run.meta_params, splits[split].images, jax.random.key(seed),
       num_episodes=num_episodes, n_way=cfg.n_way, k_shot=cfg.k_shot, q_query=cfg.eval_q_query,
@@ -106,6 +109,25 @@ def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_
           "num_episodes": num_episodes, "seed": seed, "inner_steps": inner_steps,
           "n_way": cfg.n_way, "k_shot": cfg.k_shot, "q_query": cfg.eval_q_query,
           "metrics": results}
+
+
+def check_outputs_finite(run: TrainedRun, episode, inner_steps: int) -> None:
+  """Refuses a model whose adapted logits on ``episode`` hold NaN/inf.
+
+  Finite but huge parameters (a run that diverged after its last finite
+  checkpoint) give NaN logits, whose argmax is a constant class: evaluation
+  would report chance accuracy with a zero-width interval as if it meant
+  something. episode: one Episode (support_x (S, H, W, C) float in [0, 1], ...).
+  """
+  @jax.jit
+  def logits(meta_params, episode):
+    fast = run.exp.learner.adapt(meta_params, episode.support_x, episode.support_y,
+                                 steps=inner_steps)
+    return run.exp.learner.apply_fn(fast, episode.query_x)
+  if not bool(jax.numpy.isfinite(logits(run.meta_params, episode)).all()):
+    raise checkpoint.CheckpointError(
+        f"{run.source}: the model's logits are NaN or inf after adapting on an evaluation "
+        "episode (its parameters overflow: the run diverged); evaluate an earlier checkpoint")
 
 
 def write_json(path: str | os.PathLike, record: dict) -> None:

@@ -89,12 +89,21 @@ class WorkdirLock:
       os.close(fd)
       raise WorkdirError(describe_os_error(e)) from None
     self._fd = fd
+    _remove_stale_temp_files(self.path.parent)
     return self
 
   def __exit__(self, *exc) -> None:
     if self._fd is not None:
       os.close(self._fd)   # releases the lock; the file stays (removing it would race)
       self._fd = None
+
+
+def _remove_stale_temp_files(workdir: pathlib.Path) -> None:
+  """Deletes the temp files of an `atomic_write_text` a killed writer left (under the lock: ours)."""
+  for entry in workdir.glob(".*.tmp-*"):
+    if entry.is_file() or entry.is_symlink():
+      logging.info("Removing stale temp file %s", entry)
+      entry.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: pathlib.Path, text: str) -> None:

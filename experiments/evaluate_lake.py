@@ -10,11 +10,12 @@ with the error rate of every run and the mean, clean and under attack.
 
 import pathlib
 
+import jax
 from absl import app, flags, logging
 
 from advmaml.data.lake_runs import load_lake_runs
-from advmaml.lake_eval import check_model_fits_lake, evaluate_lake
-from advmaml.trained_runs import load_checkpointed_run, write_json
+from advmaml.lake_eval import as_float_episodes, check_model_fits_lake, evaluate_lake
+from advmaml.trained_runs import check_outputs_finite, load_checkpointed_run, write_json
 from experiments.attack_flags import attack_record, attack_settings_from_flags, metric_fn_from_settings
 from experiments import cli, malloc_flag
 
@@ -45,6 +46,7 @@ def _main(argv):
   runs, names = load_lake_runs(RUNS.value, image_size=cfg.image_size)
   inner_steps = cfg.eval_inner_steps if INNER_STEPS.value is None else INNER_STEPS.value
   metric_fn = metric_fn_from_settings(settings, cfg.n_way, inner_steps)
+  check_outputs_finite(run, jax.tree.map(lambda x: x[0], as_float_episodes(runs)), inner_steps)
   record = evaluate_lake(run.exp.learner, run.meta_params, cfg, runs, names, inner_steps=inner_steps,
                          metric_fn=metric_fn, seed=SEED.value)
   record.update(checkpoint=run.source, step=run.step, runs_file=str(RUNS.value))

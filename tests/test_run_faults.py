@@ -24,7 +24,7 @@ import pytest
 
 from advmaml import checkpoint, training, workdir as workdir_lib
 from advmaml.config import ConfigError, preset, validate
-from advmaml.trained_runs import load_checkpointed_run
+from advmaml.trained_runs import evaluate_trained, load_checkpointed_run, load_trained
 from advmaml.training import DivergedError, train
 from advmaml.workdir import WorkdirError, WorkdirLock
 
@@ -116,6 +116,11 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_its_finite_checkpoint(t
   for line in (work / "metrics.jsonl").read_text().splitlines():
     assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics"))["step"] < bad_step
   assert str(work / "checkpoints" / str(bad_step - 1)) in str(info.value)
+  # That last finite checkpoint's parameters overflow the network: its evaluation
+  # would read chance accuracy with a zero interval, so it is refused instead.
+  run, splits = load_trained(work)
+  with pytest.raises(checkpoint.CheckpointError, match="logits are NaN or inf"):
+    evaluate_trained(run, splits, num_episodes=4)
 
 
 def jax_leaves(tree):
