@@ -13,11 +13,13 @@ end. After the final rerun it checks, against one uninterrupted run:
   ``steps_per_sec``);
 * the workdir holds no temporary files or folders (``.tmp-*``).
 
-Kill times: a third are uniform over the whole process (start-up included:
-before the lock, during the config write), the rest uniform over the
-training loop (from the trainer's last log line before it), where each step
-writes a checkpoint, so many kills land in a checkpoint write; the script records, for each kill, whether a checkpoint
-temp folder was on disk at that moment. Exit status 1 if any trial failed.
+Kill points: a fifth uniform over the start-up (before the lock, the config
+write, the first step), two fifths at a random step of the loop plus a random
+fraction of a step, and two fifths inside a checkpoint write (once checkpoint
+n is on disk, as soon as the next one's temp folder appears). A later kill in
+the same trial aims past the step the earlier one reached. For each kill the
+script records whether a checkpoint temp folder was on disk after it. Exit
+status 1 if any trial failed.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from advmaml import checkpoint  # noqa: E402
 from fake_omniglot import many_chars, write_zips  # noqa: E402
 
-TRAIN_FLAGS = ("--preset=tiny", "--num_steps=40", "--checkpoint_every=1", "--log_every=3",
+NUM_STEPS = 40
+TRAIN_FLAGS = ("--preset=tiny", f"--num_steps={NUM_STEPS}", "--checkpoint_every=1", "--log_every=3",
                "--eval_every=10", "--keep_checkpoints=2")
 
 
@@ -83,16 +86,33 @@ def stray_temporaries(workdir: pathlib.Path) -> list[str]:
 
 def run_to_end(cmd, env) -> tuple[float, float]:
   """Runs cmd; returns (seconds to the first checkpoint folder, seconds in all)."""
-  return _run(cmd, env, kill_after=None)
+  return _run(cmd, env, kill_at=None)
 
 
-def _run(cmd, env, kill_after):
-  """Starts cmd; kills it after ``kill_after = (mode, seconds)``, or (None) waits for it.
+def _newest_step(ckpt_dir: pathlib.Path) -> int:
+  try:
+    return max((int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()), default=0)
+  except OSError:   # a folder renamed away while listing
+    return 0
 
-  mode "process" counts from the start of the process, "loop" from the log
-  line the trainer writes just before its loop ("Meta-batch of ...").
+
+def _writing(ckpt_dir: pathlib.Path) -> bool:
+  try:
+    return any(p.name.startswith(".tmp-") for p in ckpt_dir.iterdir())
+  except OSError:
+    return False
+
+
+def _run(cmd, env, kill_at):
+  """Starts cmd; kills it at ``kill_at = (mode, value)``, or (None) waits for it to end.
+
+  modes: ("startup", seconds) counts from the start of the process;
+  ("step", (n, seconds)) waits until checkpoint n is on disk, then that long;
+  ("write", n) waits until checkpoint n is on disk, then kills as soon as the
+  next checkpoint's temp folder appears (a kill inside a checkpoint write).
   """
   workdir = pathlib.Path(cmd[-2].split("=", 1)[1])
+  ckpt_dir = workdir / "checkpoints"
   t0 = time.monotonic()
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
@@ -105,7 +125,7 @@ def _run(cmd, env, kill_after):
         in_loop.set()
   reader = threading.Thread(target=read_stderr, daemon=True)
   reader.start()
-  if kill_after is None:
+  if kill_at is None:
     loop_start = None
     while proc.poll() is None:
       if loop_start is None and in_loop.is_set():
@@ -115,24 +135,33 @@ def _run(cmd, env, kill_after):
     if proc.returncode != 0:
       raise RuntimeError(f"training failed (exit {proc.returncode}):\n{''.join(lines)[-3000:]}")
     return loop_start or 0.0, time.monotonic() - t0
-  mode, delay = kill_after
-  if mode == "loop":
-    while proc.poll() is None and not in_loop.is_set():
+  mode, value = kill_at
+  if mode == "startup":
+    deadline = t0 + value
+    while proc.poll() is None and time.monotonic() < deadline:
       time.sleep(0.001)
-  deadline = time.monotonic() + delay
-  while proc.poll() is None and time.monotonic() < deadline:
-    time.sleep(0.001)
+  else:
+    target = value[0] if mode == "step" else value
+    while proc.poll() is None and not (in_loop.is_set() and _newest_step(ckpt_dir) >= target):
+      time.sleep(0.0005)
+    if mode == "step":
+      deadline = time.monotonic() + value[1]
+      while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    else:
+      while proc.poll() is None and not _writing(ckpt_dir):
+        pass   # spin: a checkpoint write lasts milliseconds
   if proc.poll() is not None:
     reader.join()
     return {"killed": False, "mode": mode, "exit": proc.returncode}
   os.kill(proc.pid, signal.SIGKILL)
+  at = time.monotonic() - t0
   proc.wait()
   reader.join()
-  ckpt_dir = workdir / "checkpoints"
-  in_write = ckpt_dir.exists() and any(p.name.startswith(".tmp-") for p in ckpt_dir.iterdir())
   steps = [s for s, _ in checkpoint.list_checkpoints(ckpt_dir)]
-  return {"killed": True, "mode": mode, "after_s": round(delay, 4),
-          "checkpoint_temp_on_disk": in_write, "newest_step_on_disk": max(steps, default=None)}
+  return {"killed": True, "mode": mode, "at": value, "after_s": round(at, 3),
+          "checkpoint_temp_on_disk": _writing(ckpt_dir) if ckpt_dir.exists() else False,
+          "newest_step_on_disk": max(steps, default=None)}
 
 
 def main() -> int:
@@ -155,6 +184,7 @@ def main() -> int:
   reference = scratch / "reference2"
   loop_start, total = run_to_end(command(reference, data_dir), env)
   loop = max(total - loop_start, 0.05)
+  step_s = loop / NUM_STEPS
   ref_step, ref_params, ref_opt = final_state(reference)
   ref_metrics = metric_records(reference)
   print(f"uninterrupted run: {total:.2f} s, training loop {loop:.2f} s, step {ref_step}", flush=True)
@@ -162,13 +192,17 @@ def main() -> int:
   trials, failures = [], 0
   for t in range(args.trials):
     workdir = scratch / f"trial{t:03d}"
-    kills = []
+    kills, reached = [], 0
     for _ in range(1 + t % 2):
-      if rng.random() < 1 / 3:
-        kill_after = ("process", rng.uniform(0, total))
+      u = rng.random()
+      if u < 0.2:
+        kill_at = ("startup", rng.uniform(0, loop_start))
+      elif u < 0.6:
+        kill_at = ("step", (rng.randint(reached, NUM_STEPS - 2), rng.uniform(0, step_s)))
       else:
-        kill_after = ("loop", rng.uniform(0, loop))
-      kills.append(_run(command(workdir, data_dir), env, kill_after))
+        kill_at = ("write", rng.randint(reached, NUM_STEPS - 2))
+      kills.append(_run(command(workdir, data_dir), env, kill_at))
+      reached = kills[-1].get("newest_step_on_disk") or reached
     run_to_end(command(workdir, data_dir), env)
     step, params, opt = final_state(workdir)
     record = {
@@ -194,6 +228,7 @@ def main() -> int:
       "kills_while_a_checkpoint_temp_folder_was_on_disk":
           sum(k["checkpoint_temp_on_disk"] for k in landed),
       "kills_before_the_first_checkpoint": sum(k["newest_step_on_disk"] is None for k in landed),
+      "kills_by_mode": {m: sum(k["mode"] == m for k in landed) for m in ("startup", "step", "write")},
       "processes_that_finished_before_the_kill": len(all_kills) - len(landed),
       "uninterrupted_seconds": round(total, 2), "training_loop_seconds": round(loop, 2),
       "seed": args.seed,
