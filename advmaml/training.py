@@ -142,7 +142,8 @@ def state_from_tree(tree: dict, template: TrainState, source: str) -> TrainState
 def _pending_from_tree(tree: dict, source: str) -> list[dict]:
   """The unlogged per-step metrics of a checkpoint (none in checkpoints before 2026-12-01)."""
   stacked = tree.get("pending_metrics", {})
-  if not isinstance(stacked, dict) or len({np.shape(v)[:1] for v in stacked.values()}) > 1:
+  if not isinstance(stacked, dict) or any(np.ndim(v) != 1 for v in stacked.values()) or len(
+      {len(v) for v in stacked.values()}) > 1:
     raise checkpoint.CheckpointError(f"{source}: bad pending_metrics entry; delete it to "
                                      "resume from an earlier step")
   return _unstack_pending(stacked)
