@@ -6,7 +6,9 @@ in ``[clip_min, clip_max]`` and logits of shape (B, num_classes).
 The model may normalise with the statistics of its own batch (batch norm in
 training mode), which couples the examples of a batch. Every attack therefore
 
-* perturbs the whole batch jointly, ascending the *sum* of per-example losses;
+* perturbs the whole batch jointly, ascending the *sum* of per-example losses
+  (:func:`per_example` adds, for each example, attacks ascending that
+  example's loss alone, still perturbing the whole batch);
 * judges correctness only on whole batches it actually evaluated.
 
 ``AttackResult.correct`` is True for an example iff it was classified correctly
@@ -275,13 +277,20 @@ def target_labels(key: jax.Array, y: jax.Array, num_classes: int) -> jax.Array:
 # Shared machinery.
 
 
-def _track_update(tr: _Track, xb, logits, obj, y, target) -> _Track:
-  """Records an evaluated batch `xb` with its logits and objective."""
+def _track_update(tr: _Track, xb, logits, obj, y, target, aim=None) -> _Track:
+  """Records an evaluated batch `xb` with its logits and objective.
+
+  aim: None, or the index of the one example an aimed attack is after; then
+  `obj` holds that example's objective in every row and the tier is its tier,
+  so every row keeps the same batch: the one strongest against that example.
+  """
   pred = jnp.argmax(logits, axis=-1)
   wrong = pred != y
   tier = wrong.astype(jnp.int32)
   if target is not None:
     tier = tier + (pred == target).astype(jnp.int32)
+  if aim is not None:
+    tier = jnp.broadcast_to(tier[aim], tier.shape)
   better = (tier > tr.tier) | ((tier == tr.tier) & (obj > tr.obj))
   return _Track(
       x=jnp.where(_bcast(better, xb), xb, tr.x),
@@ -292,13 +301,27 @@ def _track_update(tr: _Track, xb, logits, obj, y, target) -> _Track:
   )
 
 
-def _make_evaluate(cfg, logits_fn, params, y, target):
-  """xb -> (logits, per-example objective, gradient of the summed objective)."""
+def _rows_objective(logits, y, loss, target, aim):
+  """The per-row objective (B,): each example's own, or with `aim` that
+  example's objective in every row."""
+  obj = attack_objective(logits, y, loss, target)
+  return obj if aim is None else jnp.broadcast_to(obj[aim], obj.shape)
+
+
+def _make_evaluate(cfg, logits_fn, params, y, target, aim=None):
+  """xb -> (logits, per-example objective, gradient of the summed objective).
+
+  With `aim` (an example index), the gradient is that of example `aim`'s
+  objective alone, and that objective is returned in every row: APGD's
+  per-row step-size control then follows the aimed objective, identically in
+  every row, and moves the whole batch for the one example.
+  """
 
   def total(xb):
     logits = logits_fn(params, xb)
-    obj = attack_objective(logits, y, cfg.loss, target)
-    return jnp.sum(obj), (logits, obj)
+    obj = _rows_objective(logits, y, cfg.loss, target, aim)
+    # Aimed: every row holds the one objective, so row 0 is the scalar to ascend.
+    return (jnp.sum(obj) if aim is None else obj[0]), (logits, obj)
 
   grad_fn = jax.value_and_grad(total, has_aux=True)
 
@@ -315,7 +338,7 @@ def pgd_step(xk, g, x, cfg: AttackConfig, step_size) -> jax.Array:
   return project(xk + step_size * ascent_direction(g, cfg.norm), x, cfg)
 
 
-def _pgd_restart(cfg, evaluate, x, y, target, key, tr, steps, step_size):
+def _pgd_restart(cfg, evaluate, record, x, key, tr, steps, step_size):
   """One PGD run: evaluates x_0, ..., x_steps (steps+1 gradient evaluations,
   the last update is discarded) so that PGD-k's evaluations are a prefix of
   PGD-2k's with the same start and step size."""
@@ -324,7 +347,7 @@ def _pgd_restart(cfg, evaluate, x, y, target, key, tr, steps, step_size):
   def body(_, carry):
     xk, tr = carry
     logits, obj, g = evaluate(xk)
-    tr = _track_update(tr, xk, logits, obj, y, target)
+    tr = record(tr, xk, logits, obj)
     return pgd_step(xk, g, x, cfg, step_size), tr
 
   _, tr = lax.fori_loop(0, steps + 1, body, (x0, tr))
@@ -342,7 +365,7 @@ def apgd_checkpoints(n_iter: int) -> list[int]:
   return [wj for wj in w if wj < n_iter]
 
 
-def _apgd_restart(cfg, evaluate, x, y, target, key, tr):
+def _apgd_restart(cfg, evaluate, record, x, key, tr):
   """One APGD run (Croce & Hein 2020, Alg. 1) with per-example step sizes.
 
   Iteration k = 0..N-1 produces x^(k+1) (k = 0: plain step, then momentum
@@ -365,7 +388,7 @@ def _apgd_restart(cfg, evaluate, x, y, target, key, tr):
 
   x0 = random_start(key, x, cfg)
   logits0, f0, g0 = evaluate(x0)
-  tr = _track_update(tr, x0, logits0, f0, y, target)
+  tr = record(tr, x0, logits0, f0)
   eta0 = jnp.full(x.shape[:1], 2.0 * cfg.epsilon, x.dtype)
   zero_count = jnp.zeros(x.shape[:1], jnp.float32)
   carry0 = dict(
@@ -383,7 +406,7 @@ def _apgd_restart(cfg, evaluate, x, y, target, key, tr):
     x_mom = project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - c["x_prev"]), x, cfg)
     x_new = jnp.where(k == 0, z, x_mom)
     logits, f_new, g_new = evaluate(x_new)
-    tr = _track_update(c["tr"], x_new, logits, f_new, y, target)
+    tr = record(c["tr"], x_new, logits, f_new)
 
     increased = (f_new > c["f_cur"]).astype(jnp.float32)
     improved = f_new > c["f_max"]
@@ -439,8 +462,14 @@ def _last_iterate(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> 
   return AttackResult(lax.stop_gradient(x_adv), correct)
 
 
-def _run(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> _Track:
-  """Clean batch + all restarts of one attack, as a _Track."""
+def _run(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key, aim=None) -> _Track:
+  """Clean batch + all restarts of one attack, as a _Track.
+
+  aim: None (ascend the summed objective of the batch), or an example index
+  (possibly traced): ascend that example's objective alone, perturbing the
+  whole batch; the track then keeps, in every row, the batch strongest
+  against that example, while `correct` still covers every row.
+  """
   if not cfg.track_best:
     raise ValueError("worst_case compares tracked attacks; use track_best=True")
   params = lax.stop_gradient(params)
@@ -454,15 +483,19 @@ def _run(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> _Track:
       margin=jnp.full(y.shape, -jnp.inf, logits.dtype),
       correct=jnp.ones(y.shape, bool),
   )
+
+  def record(tr, xb, logits, obj):
+    return _track_update(tr, xb, logits, obj, y, target, aim)
+
   # The clean batch counts as evaluated: robust accuracy <= clean accuracy.
-  tr = _track_update(tr, x, logits, attack_objective(logits, y, cfg.loss, target), y, target)
-  evaluate = _make_evaluate(cfg, logits_fn, params, y, target)
+  tr = record(tr, x, logits, _rows_objective(logits, y, cfg.loss, target, aim))
+  evaluate = _make_evaluate(cfg, logits_fn, params, y, target, aim)
 
   def one_restart(r, tr):
     k = _restart_key(key, r)
     if cfg.name == "apgd":
-      return _apgd_restart(cfg, evaluate, x, y, target, k, tr)
-    return _pgd_restart(cfg, evaluate, x, y, target, k, tr, cfg.resolved_steps(),
+      return _apgd_restart(cfg, evaluate, record, x, k, tr)
+    return _pgd_restart(cfg, evaluate, record, x, k, tr, cfg.resolved_steps(),
                         cfg.resolved_step_size())
 
   tr = lax.fori_loop(0, cfg.restarts, one_restart, tr)
@@ -512,6 +545,15 @@ def apgd(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> AttackRes
   return attack(dataclasses.replace(cfg, name="apgd"), logits_fn, params, x, y, key)
 
 
+def _strongest(correct: jax.Array, margin: jax.Array) -> jax.Array:
+  """Index along axis 0 of the attack to take a point from: one that
+  misclassified the example if any did, the largest margin among those.
+  correct, margin: (A, ...) -> (...) int."""
+  fooled = ~correct
+  eligible = fooled | ~jnp.any(fooled, axis=0, keepdims=True)
+  return jnp.argmax(jnp.where(eligible, margin, -jnp.inf), axis=0)
+
+
 def worst_case(
     cfg_list: Sequence[AttackConfig], logits_fn: LogitsFn, params, x, y, key
 ) -> AttackResult:
@@ -529,15 +571,61 @@ def worst_case(
       for i, c in enumerate(cfg_list)
   ]
   st = jax.tree.map(lambda *a: jnp.stack(a), *tracks)  # leading attack axis
-  fooled = ~st.correct  # (A, B)
-  eligible = fooled | ~jnp.any(fooled, axis=0, keepdims=True)
-  best = jnp.argmax(jnp.where(eligible, st.margin, -jnp.inf), axis=0)  # (B,)
+  best = _strongest(st.correct, st.margin)  # (B,)
   x_adv = jnp.take_along_axis(st.x, _bcast(best, x)[None], axis=0)[0]
   return AttackResult(x_adv, jnp.all(st.correct, axis=0))
 
 
+def per_example(
+    cfg_list: Sequence[AttackConfig], logits_fn: LogitsFn, params, x, y, key, *, chunk: int = 0
+) -> AttackResult:
+  """Aimed attacks: for every example i, each attack ascends example i's
+  objective alone while perturbing the whole batch (B attacks per config).
+
+  Where the model normalises with its batch's statistics, the other rows'
+  perturbations move those statistics against example i, which an attack on
+  the summed objective, pulling every row its own way, does not search for.
+  Attack a aimed at example i runs with key fold_in(fold_in(key, a), i).
+
+  Accounting as everywhere in this module: ``correct[j]`` is True iff example
+  j was classified correctly in every batch any aimed attack evaluated, not
+  only those aimed at j. Every such batch lies in the threat model (each row
+  in its own ball and the box), so a misclassification there is as valid a
+  witness as one found by the attack aimed at j; ignoring it would only
+  overstate robustness.
+
+  Args:
+    cfg_list, logits_fn, params, x, y, key: as for :func:`worst_case`.
+    chunk: aims vmapped together: 0 all B at once, n > 0 a ``lax.map`` over
+      chunks of n (same results, less memory).
+  Returns:
+    AttackResult with x_adv (B, B, H, W, C), x_adv[i] the whole batch
+    strongest against example i (choice as in :func:`worst_case`), and
+    correct (B,).
+  """
+  if not cfg_list:
+    raise ValueError("per_example needs at least one attack")
+  if chunk < 0:
+    raise ValueError(f"chunk must be >= 0, got {chunk}")
+  keys = [jax.random.fold_in(key, a) for a in range(len(cfg_list))]
+
+  def aimed(i):
+    tracks = [_run(c, logits_fn, params, x, y, jax.random.fold_in(k, i), aim=i)
+              for c, k in zip(cfg_list, keys)]
+    st = jax.tree.map(lambda *a: jnp.stack(a), *tracks)  # (A, B, ...)
+    best = _strongest(st.correct[:, i], st.margin[:, i])  # one attack for row i
+    return st.x[best], jnp.all(st.correct, axis=0)
+
+  aims = jnp.arange(y.shape[0])
+  if chunk:
+    x_adv, correct = lax.map(aimed, aims, batch_size=chunk)
+  else:
+    x_adv, correct = jax.vmap(aimed)(aims)
+  return AttackResult(x_adv, jnp.all(correct, axis=0))
+
+
 __all__ = [
-    "AttackConfig", "AttackResult", "attack", "fgsm", "pgd", "apgd", "worst_case",
+    "AttackConfig", "AttackResult", "attack", "fgsm", "pgd", "apgd", "worst_case", "per_example",
     "perturbation_norm", "project", "pgd_step", "attack_objective", "margin_loss",
     "target_labels", "apgd_checkpoints",
 ]

@@ -23,6 +23,21 @@ ATTACK_TARGET = flags.DEFINE_string(
     "attack_target", "query",
     "query: attack the query set after adapting on the clean support (evasion); support: "
     "perturb the support set before adaptation (poisoning); both: either or both.")
+PER_EXAMPLE = flags.DEFINE_bool(
+    "per_example", True,
+    "Also attack every query example alone: for each one, the --per_example_attacks ascend its "
+    "loss while perturbing the whole query batch, whose batch-norm statistics couple the "
+    "queries. Robust accuracy then counts those batches too; the summed-loss attacks' number is "
+    "written beside it as summed_robust_accuracy@<eps>. Query attacks only (off for "
+    "--attack_target=support). --noper_example: summed-loss attacks only.")
+PER_EXAMPLE_ATTACKS = flags.DEFINE_string(
+    "per_example_attacks", "margin,apgd",
+    "Comma list of the attacks aimed at each query example (names as in --attacks; the same "
+    "steps and restarts).")
+PER_EXAMPLE_CHUNK = flags.DEFINE_integer(
+    "per_example_chunk", 0,
+    "Aimed attacks vmapped together (0: all N*Q of an episode at once); smaller uses less "
+    "memory, same results.")
 PLOT = flags.DEFINE_bool(
     "plot", None, "Write robustness_<split>.png and adversarial_examples_<split>.png next to "
     "the workdir's JSON (default: on when --epsilons is given).")
@@ -37,6 +52,8 @@ class AttackSettings:
   restarts: int
   target: str
   plot: bool
+  per_example: tuple[str, ...] = ()   # attacks aimed at each query example; () off
+  per_example_chunk: int = 0
 
 
 def _parse_list(flag: str, value: str) -> list[str]:
@@ -46,14 +63,36 @@ def _parse_list(flag: str, value: str) -> list[str]:
   return items
 
 
-def attack_settings_from_flags() -> AttackSettings:
-  """Checks the attack flags; bad values raise app.UsageError naming the flag."""
-  names = tuple(_parse_list("attacks", ATTACKS.value))
+def _attack_names(flag) -> tuple[str, ...]:
+  names = tuple(_parse_list(flag.name, flag.value))
   unknown = [n for n in names if n not in robust_eval.ATTACK_NAMES]
   if unknown:
-    raise app.UsageError(f"--attacks: unknown {unknown}; choose from {robust_eval.ATTACK_NAMES}")
+    raise app.UsageError(f"--{flag.name}: unknown {unknown}; choose from {robust_eval.ATTACK_NAMES}")
   if len(set(names)) != len(names):
-    raise app.UsageError(f"--attacks={ATTACKS.value!r} names an attack twice")
+    raise app.UsageError(f"--{flag.name}={flag.value!r} names an attack twice")
+  return names
+
+
+def _per_example_names(target: str) -> tuple[str, ...]:
+  """The aimed attacks the flags ask for: () when off or without a query attack."""
+  names = _attack_names(PER_EXAMPLE_ATTACKS)
+  if PER_EXAMPLE_CHUNK.value < 0:
+    raise app.UsageError(f"--per_example_chunk={PER_EXAMPLE_CHUNK.value} must be >= 0 (0: all at once)")
+  if not PER_EXAMPLE.value:
+    return ()
+  if target == "support":
+    if flags.FLAGS["per_example"].present:
+      raise app.UsageError("--per_example attacks the query set, which --attack_target=support "
+                           "leaves clean; drop --per_example or attack the query set")
+    return ()
+  if not names:
+    raise app.UsageError("--per_example_attacks is empty; name attacks or pass --noper_example")
+  return names
+
+
+def attack_settings_from_flags() -> AttackSettings:
+  """Checks the attack flags; bad values raise app.UsageError naming the flag."""
+  names = _attack_names(ATTACKS)
   epsilons = []
   for s in _parse_list("epsilons", EPSILONS.value):
     try:
@@ -79,9 +118,8 @@ def attack_settings_from_flags() -> AttackSettings:
     raise app.UsageError("--plot needs --epsilons (the plots show accuracy against epsilon)")
   plot = bool(epsilons) if PLOT.value is None else PLOT.value
   return AttackSettings(names, tuple(epsilons), NORM.value, ATTACK_STEPS.value, RESTARTS.value,
-                        ATTACK_TARGET.value, plot)
-
-
+                        ATTACK_TARGET.value, plot, _per_example_names(ATTACK_TARGET.value),
+                        PER_EXAMPLE_CHUNK.value)
 
 
 def metric_fn_from_settings(settings: AttackSettings, n_way: int, inner_steps: int):
@@ -90,15 +128,22 @@ def metric_fn_from_settings(settings: AttackSettings, n_way: int, inner_steps: i
     return None
   return robust_eval.make_metric_fn(
       settings.names, settings.epsilons, n_way=n_way, inner_steps=inner_steps,
-      norm=settings.norm, steps=settings.steps, restarts=settings.restarts, target=settings.target)
+      norm=settings.norm, steps=settings.steps, restarts=settings.restarts, target=settings.target,
+      per_example=settings.per_example, per_example_chunk=settings.per_example_chunk)
 
 
 def attack_record(settings: AttackSettings, n_way: int) -> dict:
   """The attack settings as written into an evaluation's JSON."""
-  sets = robust_eval.attack_sets(settings.names, settings.epsilons, n_way=n_way,
-                                 norm=settings.norm, steps=settings.steps, restarts=settings.restarts)
-  return {"attacks": list(settings.names), "epsilons": list(settings.epsilons),
-          "norm": settings.norm, "steps": settings.steps, "restarts": settings.restarts,
-          "target": settings.target,
-          "configs": {robust_eval.metric_key(cfgs[0].epsilon): [dataclasses.asdict(c) for c in cfgs]
-                      for cfgs in sets}}
+  def configs(names):
+    sets = robust_eval.attack_sets(names, settings.epsilons, n_way=n_way, norm=settings.norm,
+                                   steps=settings.steps, restarts=settings.restarts)
+    return {robust_eval.metric_key(cfgs[0].epsilon): [dataclasses.asdict(c) for c in cfgs]
+            for cfgs in sets}
+
+  record = {"attacks": list(settings.names), "epsilons": list(settings.epsilons),
+            "norm": settings.norm, "steps": settings.steps, "restarts": settings.restarts,
+            "target": settings.target, "configs": configs(settings.names),
+            "per_example": list(settings.per_example)}
+  if settings.per_example:
+    record["per_example_configs"] = configs(settings.per_example)
+  return record

@@ -6,7 +6,9 @@ r"""Evaluate a trained few-shot learner on test episodes, clean or under attack.
 
 Writes <workdir>/eval_<split>.json (or --output) with the mean accuracy and its
 95% confidence interval. With --epsilons, the metrics are clean_accuracy and
-robust_accuracy@<eps> (per-example worst case over --attacks), the attack
+robust_accuracy@<eps> (per-example worst case over --attacks and, unless
+--noper_example, the --per_example_attacks aimed at each query example;
+summed_robust_accuracy@<eps> is then the number of --attacks alone), the attack
 settings are recorded under "attack", and (unless --noplot)
 <workdir>/robustness_<split>.png and <workdir>/adversarial_examples_<split>.png
 are written.
@@ -99,6 +101,10 @@ def main(argv):
     rob = record["metrics"][robust_eval.metric_key(eps)]
     logging.info("  %s robust accuracy at %s epsilon %g: %.2f%% +- %.2f%%", settings.target,
                  settings.norm, eps, 100 * rob["mean"], 100 * rob["ci95"])
+    summed = record["metrics"].get(robust_eval.metric_key(eps, "summed_robust_accuracy"))
+    if summed is not None:
+      logging.info("    (summed-loss attacks alone: %.2f%% +- %.2f%%)", 100 * summed["mean"],
+                   100 * summed["ci95"])
   logging.info("written to %s", output)
 
 

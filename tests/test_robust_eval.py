@@ -159,6 +159,34 @@ def test_support_poisoning_and_both_are_bounded_by_their_components(trained):
   assert results["both/" + q]["mean"] < clean
 
 
+def test_per_example_attacks_only_lower_robust_accuracy(trained):
+  """With aimed attacks: robust <= summed <= clean in every episode, for the
+  query and the both threat models; the summed number is exactly the one
+  written without them (same keys); at epsilon 1 both reach 0."""
+  epsilons = (0.05, 1.0)
+  make = functools.partial(robust_eval.make_metric_fn, ("pgd",), epsilons, n_way=N_WAY,
+                           inner_steps=EVAL_INNER, steps=3)
+  key, summed = robust_eval.metric_key, functools.partial(robust_eval.metric_key,
+                                                          prefix="summed_robust_accuracy")
+  fns = (("plain/", make()), ("aimed/", make(per_example=("margin", "apgd"), per_example_chunk=2)),
+         ("both/", make(target="both", per_example=("margin",))))
+  checks = tuple((f"{p}{key(e)}", f"{p}{summed(e)}") for p in ("aimed/", "both/") for e in epsilons)
+  checks += tuple((f"{p}{summed(e)}", f"{p}clean_accuracy") for p in ("aimed/", "both/")
+                  for e in epsilons)
+  results = evaluate(trained, functools.partial(with_checks, fns=fns, checks=checks),
+                     num_episodes=8)
+  assert_no_violations(results)
+  assert "plain/" + summed(0.05) not in results
+  for e in epsilons:
+    assert results["aimed/" + summed(e)] == results["plain/" + key(e)]
+  assert results["aimed/" + key(0.05)]["mean"] < results["aimed/" + summed(0.05)]["mean"]
+  for p in ("aimed/", "both/"):
+    assert results[p + key(1.0)]["mean"] == results[p + summed(1.0)]["mean"] == 0.0
+  with pytest.raises(ValueError, match="query"):
+    robust_eval.make_metric_fn(("pgd",), (0.1,), n_way=5, inner_steps=1, target="support",
+                               per_example=("margin",))
+
+
 def test_deterministic_and_independent_of_batching(trained):
   make = functools.partial(robust_eval.make_metric_fn, ("pgd",), (0.1,), n_way=N_WAY,
                            inner_steps=EVAL_INNER, steps=3)
@@ -235,7 +263,12 @@ def test_evaluate_entry_point_with_attacks(fake_omniglot_dir, tmp_path):
                                               "robust_accuracy@1.0"))
   assert m["clean_accuracy"]["n"] == 4 and set(m["clean_accuracy"]) == {"mean", "ci95", "std", "n"}
   assert 0.0 <= full <= low <= clean <= 1.0 and full == 0.0
+  # Aimed attacks are on by default; the summed-loss number is written beside.
+  summed_low = m["summed_robust_accuracy@0.05"]["mean"]
+  assert low <= summed_low <= clean and m["summed_robust_accuracy@1.0"]["mean"] == 0.0
   attack = record["attack"]
+  assert attack["per_example"] == ["margin", "apgd"]
+  assert [c["loss"] for c in attack["per_example_configs"]["robust_accuracy@0.05"]] == ["margin", "dlr"]
   assert attack["attacks"] == ["pgd", "apgd"] and attack["epsilons"] == [0.05, 1.0]
   assert attack["norm"] == "linf" and attack["steps"] == 5 and attack["target"] == "query"
   assert [c["name"] for c in attack["configs"]["robust_accuracy@1.0"]] == ["pgd", "apgd"]
@@ -244,7 +277,8 @@ def test_evaluate_entry_point_with_attacks(fake_omniglot_dir, tmp_path):
     _assert_png(work / name)
 
   # Bad values are refused before anything is loaded, naming the flag.
-  for flag in ("--epsilons=0.1,-1", "--attack_target=weights", "--attacks=pgd,cw"):
+  for flag in ("--epsilons=0.1,-1", "--attack_target=weights", "--attacks=pgd,cw",
+               "--per_example_attacks=cw", "--per_example_chunk=-1"):
     out = _run("experiments.evaluate", f"--workdir={work}", flag, env=env)
     assert out.returncode != 0 and flag.split("=")[0] in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
