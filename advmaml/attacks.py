@@ -308,8 +308,11 @@ def _rows_objective(logits, y, loss, target, aim):
   return obj if aim is None else jnp.broadcast_to(obj[aim], obj.shape)
 
 
-def _make_evaluate(cfg, logits_fn, params, y, target, aim=None):
+def _make_evaluate(cfg, logits_fn, params, y, target, aim=None, mask=None):
   """xb -> (logits, per-example objective, gradient of the summed objective).
+
+  mask: optional (B,) bool; only those rows' objectives are summed (the
+  others remain in the batch).
 
   With `aim` (an example index), the gradient is that of example `aim`'s
   objective alone, and that objective is returned in every row: APGD's
@@ -320,8 +323,9 @@ def _make_evaluate(cfg, logits_fn, params, y, target, aim=None):
   def total(xb):
     logits = logits_fn(params, xb)
     obj = _rows_objective(logits, y, cfg.loss, target, aim)
-    # Aimed: every row holds the one objective, so row 0 is the scalar to ascend.
-    return (jnp.sum(obj) if aim is None else obj[0]), (logits, obj)
+    if aim is not None:  # every row holds the one objective: row 0 is the scalar to ascend
+      return obj[0], (logits, obj)
+    return jnp.sum(obj if mask is None else jnp.where(mask, obj, 0.0)), (logits, obj)
 
   grad_fn = jax.value_and_grad(total, has_aux=True)
 
@@ -462,20 +466,28 @@ def _last_iterate(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> 
   return AttackResult(lax.stop_gradient(x_adv), correct)
 
 
-def _run(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key, aim=None) -> _Track:
+def _run(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key, aim=None, targets=None,
+         mask=None) -> _Track:
   """Clean batch + all restarts of one attack, as a _Track.
 
   aim: None (ascend the summed objective of the batch), or an example index
   (possibly traced): ascend that example's objective alone, perturbing the
   whole batch; the track then keeps, in every row, the batch strongest
   against that example, while `correct` still covers every row.
+  targets: optional (B,) target classes of a targeted attack (default:
+  target_labels(key, ...)). mask: optional (B,) bool, the rows whose
+  objectives are summed (not with aim).
   """
   if not cfg.track_best:
     raise ValueError("worst_case compares tracked attacks; use track_best=True")
   params = lax.stop_gradient(params)
   x = lax.stop_gradient(x)
   logits = logits_fn(params, x)
-  target = target_labels(key, y, logits.shape[-1]) if cfg.targeted else None
+  if targets is not None and not cfg.targeted:
+    raise ValueError("targets are for a targeted attack; set targeted=True")
+  target = targets
+  if cfg.targeted and targets is None:
+    target = target_labels(key, y, logits.shape[-1])
   tr = _Track(
       x=x,
       tier=jnp.full(y.shape, -1, jnp.int32),
@@ -489,7 +501,7 @@ def _run(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key, aim=None) ->
 
   # The clean batch counts as evaluated: robust accuracy <= clean accuracy.
   tr = record(tr, x, logits, _rows_objective(logits, y, cfg.loss, target, aim))
-  evaluate = _make_evaluate(cfg, logits_fn, params, y, target, aim)
+  evaluate = _make_evaluate(cfg, logits_fn, params, y, target, aim, mask)
 
   def one_restart(r, tr):
     k = _restart_key(key, r)
@@ -506,7 +518,8 @@ def _run(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key, aim=None) ->
 # Public API.
 
 
-def attack(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> AttackResult:
+def attack(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key, *, targets=None,
+           mask=None) -> AttackResult:
   """Runs the attack named by `cfg.name`.
 
   Args:
@@ -517,12 +530,17 @@ def attack(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> AttackR
     y: (B,) int true labels.
     key: typed PRNG key (jax.random.key); targets come from
       target_labels(key, ...), restart r from a fold_in of it.
+    targets: optional (B,) classes a targeted attack moves towards instead.
+    mask: optional (B,) bool: only these rows' objectives are ascended (the
+      others stay in the batch, and correct still covers them).
   Returns:
     AttackResult with x_adv (B, H, W, C) and correct (B,).
   """
   if not cfg.track_best:
+    if targets is not None or mask is not None:
+      raise ValueError("targets and mask need track_best=True")
     return _last_iterate(cfg, logits_fn, params, x, y, key)
-  tr = _run(cfg, logits_fn, params, x, y, key)
+  tr = _run(cfg, logits_fn, params, x, y, key, targets=targets, mask=mask)
   return AttackResult(tr.x, tr.correct)
 
 
