@@ -47,10 +47,11 @@ from jax import lax
 
 from advmaml import attacks
 from advmaml.attacks import AttackConfig
+from advmaml.autoattack import PARTS as AUTOATTACK_PARTS, AutoAttackConfig, autoattack
 from advmaml.data.episodes import Episode
 from advmaml.maml import Learner
 
-ATTACK_NAMES = ("pgd", "margin", "apgd", "fgsm")
+ATTACK_NAMES = ("pgd", "margin", "apgd", "fgsm", "autoattack")
 TARGETS = ("query", "support", "both")
 NORMS = ("linf", "l2")
 
@@ -65,14 +66,21 @@ def metric_key(epsilon: float, prefix: str = "robust_accuracy") -> str:
 
 
 def attack_config(name: str, epsilon: float, *, n_way: int, norm: str = "linf", steps: int = 20,
-                  restarts: int = 1, relative_step_size: float | None = None) -> AttackConfig:
+                  restarts: int = 1, relative_step_size: float | None = None,
+                  square_queries: int = 5000) -> AttackConfig | AutoAttackConfig:
   """One named attack at radius ``epsilon``.
 
   pgd: PGD on cross-entropy; margin: PGD on the Carlini-Wagner margin;
   apgd: APGD on DLR (on cross-entropy when n_way < 3, where DLR is undefined);
-  fgsm: one step of size epsilon from the clean point. ``relative_step_size``
-  (step / epsilon) overrides the attacks' default PGD/FGSM step size.
+  fgsm: one step of size epsilon from the clean point; autoattack:
+  :func:`advmaml.autoattack.autoattack` with ``steps`` and ``restarts`` for
+  its gradient attacks, up to n_way - 1 targets and ``square_queries``
+  (query attacks only). ``relative_step_size`` (step / epsilon) overrides the
+  attacks' default PGD/FGSM step size.
   """
+  if name == "autoattack":
+    return AutoAttackConfig(epsilon=float(epsilon), norm=norm, steps=steps, restarts=restarts,
+                            targets=min(9, max(n_way - 1, 1)), square_queries=square_queries)
   step_size = None if relative_step_size is None else relative_step_size * epsilon
   common = dict(norm=norm, epsilon=float(epsilon), step_size=step_size)
   if name == "pgd":
@@ -207,21 +215,31 @@ def poison_support(learner: Learner, meta_params: dict, episode: Episode, key: j
 
 
 def _query_correct(learner: Learner, fast: dict, episode: Episode, key, cfgs, aimed_cfgs,
-                   aim_chunk) -> tuple[jax.Array, jax.Array]:
-  """(summed, all): (Q,) bool each, the query attack on adapted ``fast``.
+                   aim_chunk) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """(summed, all, cumulative): the query attack on adapted ``fast``.
 
-  summed: worst case over ``cfgs`` (summed-loss attacks) with ``key``, as
-  before aimed attacks existed, so its numbers do not change. all: that AND
-  the ``aimed_cfgs`` attacks aimed at each query example (key
-  ``fold_in(key, 1)``); equal to summed without aimed_cfgs.
+  summed: (Q,) worst case over ``cfgs`` (summed-loss attacks) with ``key``, as
+  before aimed attacks existed, so its numbers do not change, AND AutoAttack
+  if cfgs hold it (key ``fold_in(key, 2)``). all: (Q,) that AND the
+  ``aimed_cfgs`` attacks aimed at each query example (key
+  ``fold_in(key, 1)``); equal to summed without aimed_cfgs. cumulative:
+  (parts, Q) AutoAttack's robustness after each of its parts, or None.
   """
   qx, qy = episode.query_x, episode.query_y
-  summed = attacks.worst_case(cfgs, learner.apply_fn, fast, qx, qy, key).correct
+  plain = tuple(c for c in cfgs if isinstance(c, AttackConfig))
+  auto = [c for c in cfgs if isinstance(c, AutoAttackConfig)]
+  summed = jnp.ones(qy.shape, bool)
+  if plain:
+    summed = attacks.worst_case(plain, learner.apply_fn, fast, qx, qy, key).correct
+  cumulative = None
+  if auto:
+    aa = autoattack(auto[0], learner.apply_fn, fast, qx, qy, jax.random.fold_in(key, 2))
+    summed, cumulative = summed & aa.correct, aa.cumulative
   if not aimed_cfgs:
-    return summed, summed
+    return summed, summed, cumulative
   aimed = attacks.per_example(aimed_cfgs, learner.apply_fn, fast, qx, qy,
                               jax.random.fold_in(key, 1), chunk=aim_chunk).correct
-  return summed, summed & aimed
+  return summed, summed & aimed, cumulative
 
 
 def _stack(*trees):
@@ -251,6 +269,9 @@ def robust_metrics(learner: Learner, meta_params: dict, episode: Episode, key: j
   """
   if target not in TARGETS:
     raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+  if target != "query" and any(isinstance(c, AutoAttackConfig) for cfgs in attack_sets
+                               for c in cfgs):
+    raise ValueError("autoattack attacks the query set; use target 'query'")
   if per_example_sets and (target == "support" or len(per_example_sets) != len(attack_sets)):
     raise ValueError("per_example_sets need a query attack and one set per epsilon")
   fast = learner.adapt(meta_params, episode.support_x, episode.support_y, steps=inner_steps)
@@ -267,8 +288,12 @@ def robust_metrics(learner: Learner, meta_params: dict, episode: Episode, key: j
                               aimed_cfgs=aimed_cfgs, aim_chunk=per_example_chunk)
     summed = None
     if target == "query":
-      summed, q_all = query(fast)
+      summed, q_all, cumulative = query(fast)
       summed, correct = clean_correct & summed, clean_correct & q_all
+      if cumulative is not None:
+        parts = next(c for c in cfgs if isinstance(c, AutoAttackConfig)).parts
+        for name, ok in zip(parts, cumulative):
+          correct_by_name[metric_key(eps, f"autoattack_{name}_robust_accuracy")] = clean_correct & ok
     elif target == "support":
       poisoned = poison_support(learner, meta_params, episode, k_support, inner_steps=inner_steps,
                                 cfgs=cfgs)
@@ -279,7 +304,7 @@ def robust_metrics(learner: Learner, meta_params: dict, episode: Episode, key: j
       fast_poisoned = learner.adapt(meta_params, poisoned.support_x, episode.support_y,
                                     steps=inner_steps)
       # One traced attack for both models (clean-adapted, poisoned-adapted): half the compile.
-      summed_q, all_q = jax.vmap(query)(_stack(fast, fast_poisoned))  # (2, Q) each
+      summed_q, all_q, _ = jax.vmap(query)(_stack(fast, fast_poisoned))  # (2, Q) each
       (s_clean, s_poisoned), (q_clean, q_poisoned) = summed_q, all_q
       query_ok = clean_correct & q_clean
       support_ok = clean_correct & poisoned.correct
@@ -300,7 +325,8 @@ def robust_metrics(learner: Learner, meta_params: dict, episode: Episode, key: j
 def make_metric_fn(attack_names: Sequence[str], epsilons: Sequence[float], *, n_way: int,
                    inner_steps: int, norm: str = "linf", steps: int = 20, restarts: int = 1,
                    relative_step_size: float | None = None, target: str = "query",
-                   per_example: Sequence[str] = (), per_example_chunk: int = 0):
+                   per_example: Sequence[str] = (), per_example_chunk: int = 0,
+                   square_queries: int = 5000):
   """A hashable metric_fn for ``evaluate_episodes``: clean plus robust accuracy
   per epsilon, under the worst case of the named attacks (see
   :func:`attack_config`) and, with ``per_example`` names, of those attacks
@@ -311,16 +337,18 @@ def make_metric_fn(attack_names: Sequence[str], epsilons: Sequence[float], *, n_
     raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
   if per_example and target == "support":
     raise ValueError("per_example attacks attack the query set; target 'support' has none")
+  if "autoattack" in attack_names and target != "query":
+    raise ValueError("autoattack attacks the query set; use target 'query'")
   return _cached_metric_fn(tuple(attack_names), tuple(float(e) for e in epsilons), n_way,
                            inner_steps, norm, steps, restarts, relative_step_size, target,
-                           tuple(per_example), int(per_example_chunk))
+                           tuple(per_example), int(per_example_chunk), int(square_queries))
 
 
 @functools.lru_cache(maxsize=None)
 def _cached_metric_fn(names, epsilons, n_way, inner_steps, norm, steps, restarts,
-                      relative_step_size, target, per_example, per_example_chunk):
+                      relative_step_size, target, per_example, per_example_chunk, square_queries):
   kwargs = dict(n_way=n_way, norm=norm, steps=steps, restarts=restarts,
-                relative_step_size=relative_step_size)
+                relative_step_size=relative_step_size, square_queries=square_queries)
   sets = attack_sets(names, epsilons, **kwargs)
   aimed = attack_sets(per_example, epsilons, **kwargs) if per_example else ()
   return functools.partial(robust_metrics, inner_steps=inner_steps, attack_sets=sets,
@@ -361,13 +389,19 @@ def adversarial_examples(learner: Learner, meta_params: dict, episode: Episode, 
     return {"clean_x": episode.support_x, "adv_x": support_adv, "y": episode.support_y,
             "clean_pred": predict(fast, episode.support_x),
             "adv_pred": predict(adv_fast, support_adv)}
-  x_adv = attacks.worst_case(cfgs, learner.apply_fn, adv_fast, episode.query_x, episode.query_y,
-                             k_query).x_adv
+  plain = tuple(c for c in cfgs if isinstance(c, AttackConfig))
+  if plain:
+    x_adv = attacks.worst_case(plain, learner.apply_fn, adv_fast, episode.query_x,
+                               episode.query_y, k_query).x_adv
+  else:  # AutoAttack alone, with its key in robust_metrics
+    auto = next(c for c in cfgs if isinstance(c, AutoAttackConfig))
+    x_adv = autoattack(auto, learner.apply_fn, adv_fast, episode.query_x, episode.query_y,
+                       jax.random.fold_in(k_query, 2)).x_adv
   return {"clean_x": episode.query_x, "adv_x": x_adv, "y": episode.query_y,
           "clean_pred": predict(fast, episode.query_x), "adv_pred": predict(adv_fast, x_adv)}
 
 
 __all__ = [
-    "ATTACK_NAMES", "TARGETS", "NORMS", "metric_key", "attack_config", "attack_sets",
+    "ATTACK_NAMES", "AUTOATTACK_PARTS", "TARGETS", "NORMS", "metric_key", "attack_config", "attack_sets",
     "PoisonResult", "poison_support", "robust_metrics", "make_metric_fn", "adversarial_examples",
 ]

@@ -187,6 +187,59 @@ def test_per_example_attacks_only_lower_robust_accuracy(trained):
                                per_example=("margin",))
 
 
+def test_autoattack_metrics_fall_over_its_parts(trained):
+  """On the batch-norm MLP: AutoAttack's robust accuracy after each part never
+  rises, ends at robust_accuracy (no other attack listed), stays below clean,
+  and is 0 at epsilon 1."""
+  epsilons = (0.1, 1.0)
+  fn = robust_eval.make_metric_fn(("autoattack",), epsilons, n_way=N_WAY, inner_steps=EVAL_INNER,
+                                  steps=2, square_queries=10)
+  after = lambda part, e: robust_eval.metric_key(e, f"autoattack_{part}_robust_accuracy")
+  parts = robust_eval.AUTOATTACK_PARTS
+  checks = tuple((after(b, e), after(a, e)) for e in epsilons for a, b in zip(parts, parts[1:]))
+  checks += tuple((after(parts[0], e), "clean_accuracy") for e in epsilons)
+  results = evaluate(trained, functools.partial(with_checks, fns=(("", fn),), checks=checks),
+                     num_episodes=4)
+  assert_no_violations(results)
+  for e in epsilons:
+    assert results[after(parts[-1], e)] == results[robust_eval.metric_key(e)]
+  assert results[robust_eval.metric_key(1.0)]["mean"] == 0.0
+  assert results[robust_eval.metric_key(0.1)]["mean"] < results["clean_accuracy"]["mean"]
+  with pytest.raises(ValueError, match="query"):
+    robust_eval.make_metric_fn(("autoattack",), (0.1,), n_way=5, inner_steps=1, target="both")
+
+
+def test_attack_presets_and_flag_errors():
+  from absl import app, flags
+  from absl.testing import flagsaver
+  from experiments import attack_flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(epsilons="0.1"):
+    s = attack_flags.attack_settings_from_flags()
+    assert (s.names, s.steps, s.restarts, s.per_example) == (
+        ("pgd", "margin", "apgd"), 20, 1, ("margin", "apgd"))
+  with flagsaver.flagsaver(attack_preset="strong", epsilons="0.1", attack_steps=7):
+    s = attack_flags.attack_settings_from_flags()  # a given flag beats the preset
+    assert (s.names, s.steps, s.restarts) == (("pgd", "margin", "apgd"), 7, 5)
+  with flagsaver.flagsaver(attack_preset="autoattack", epsilons="0.1", square_queries=300):
+    s = attack_flags.attack_settings_from_flags()
+    assert (s.names, s.steps, s.restarts, s.square_queries) == (("autoattack",), 100, 1, 300)
+    record = attack_flags.attack_record(s, n_way=5)
+    assert record["configs"]["robust_accuracy@0.1"][0]["targets"] == 4  # N - 1 in 5-way
+  with flagsaver.flagsaver(attack_target="support", epsilons="0.1"):
+    assert attack_flags.attack_settings_from_flags().per_example == ()  # nothing to aim at
+  bad = [dict(attack_preset="huge"), dict(attacks="autoattack", norm="l2"),
+         dict(attacks="autoattack", attack_target="both"), dict(square_queries=0),
+         dict(per_example_chunk=-1), dict(per_example_attacks="cw"),
+         dict(per_example=True, attack_target="support")]
+  for overrides in bad:
+    with flagsaver.flagsaver(epsilons="0.1", **overrides):
+      with pytest.raises(app.UsageError) as err:
+        attack_flags.attack_settings_from_flags()
+      assert any(f"--{k}" in str(err.value) for k in overrides), (overrides, str(err.value))
+
+
 def test_deterministic_and_independent_of_batching(trained):
   make = functools.partial(robust_eval.make_metric_fn, ("pgd",), (0.1,), n_way=N_WAY,
                            inner_steps=EVAL_INNER, steps=3)
