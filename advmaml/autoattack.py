@@ -1,5 +1,5 @@
-"""AutoAttack (Croce & Hein 2020), standard version, L-inf: APGD-CE, APGD-T,
-FAB-T and Square, run one after another.
+"""AutoAttack (Croce & Hein 2020), standard version, L-inf or L2: APGD-CE,
+APGD-T, FAB-T and Square, run one after another.
 
 As in AutoAttack, each later attack only goes after the examples the earlier
 ones left robust; here that is a mask, not a subset, so that everything stays
@@ -43,8 +43,8 @@ class AutoAttackConfig:
   """Static description of an AutoAttack run (hashable).
 
   Attributes:
-    epsilon: radius of the L-inf ball.
-    norm: "linf" (the L2 version needs an L2 Square, which is not built).
+    epsilon: radius of the ball.
+    norm: "linf" | "l2".
     steps: iterations of APGD-CE, APGD-T (per target) and FAB-T (per target).
     restarts: restarts of each gradient attack (per target for the targeted ones).
     targets: target classes of APGD-T and FAB-T, capped at num_classes - 1.
@@ -68,9 +68,8 @@ class AutoAttackConfig:
   clip_max: float = 1.0
 
   def __post_init__(self):
-    if self.norm != "linf":
-      raise ValueError(f"AutoAttack is built for norm 'linf' only (Square has no L2 version "
-                       f"here), got {self.norm!r}")
+    if self.norm not in ("linf", "l2"):
+      raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
     unknown = [p for p in self.parts if p not in PARTS]
     if unknown or not self.parts or len(set(self.parts)) != len(self.parts):
       raise ValueError(f"parts must be distinct names from {PARTS}, got {self.parts}")
@@ -89,7 +88,7 @@ class AutoAttackConfig:
                          restarts=self.restarts, clip_min=self.clip_min, clip_max=self.clip_max)
 
   def square(self) -> square.SquareConfig:
-    return square.SquareConfig(epsilon=self.epsilon, queries=self.square_queries,
+    return square.SquareConfig(norm=self.norm, epsilon=self.epsilon, queries=self.square_queries,
                                clip_min=self.clip_min, clip_max=self.clip_max)
 
 

@@ -25,7 +25,7 @@ ATTACKS = flags.DEFINE_string(
     "attacks", "pgd,margin,apgd",
     "Comma list of attacks whose per-example worst case gives robust accuracy: pgd (PGD on "
     "cross-entropy), margin (PGD on the CW margin), apgd (APGD-DLR; APGD-CE if n_way < 3), fgsm, "
-    "autoattack (APGD-CE, APGD-T, FAB-T, Square in turn; L-inf, query attacks).")
+    "autoattack (APGD-CE, APGD-T, FAB-T, Square in turn; query attacks).")
 SQUARE_QUERIES = flags.DEFINE_integer("square_queries", 5000,
                                       "Query budget of AutoAttack's Square attack.")
 EPSILONS = flags.DEFINE_string(
@@ -145,9 +145,6 @@ def attack_settings_from_flags() -> AttackSettings:
     raise app.UsageError(f"--attack_target={ATTACK_TARGET.value!r}; choose one of {robust_eval.TARGETS}")
   if SQUARE_QUERIES.value < 1:
     raise app.UsageError(f"--square_queries={SQUARE_QUERIES.value} must be at least 1")
-  if "autoattack" in names and NORM.value != "linf":
-    raise app.UsageError(f"--attacks=autoattack is built for --norm=linf only (its Square attack "
-                         f"has no L2 version here), got --norm={NORM.value}")
   if "autoattack" in names and ATTACK_TARGET.value != "query":
     raise app.UsageError("--attacks=autoattack attacks the query set; use --attack_target=query")
   if PLOT.value and not epsilons:

@@ -17,7 +17,7 @@ from advmaml import attacks as A
 from advmaml import autoattack as AA
 from advmaml.attacks import AttackConfig
 from advmaml.fab import FabConfig, fab, project_hyperplane
-from advmaml.square import SquareConfig, p_schedule, square, window_side
+from advmaml.square import SquareConfig, bump, p_schedule, square, window_side
 
 HW = (4, 4, 1)
 D = 16
@@ -141,17 +141,70 @@ def test_square_schedule_and_closed_form():
     assert np.abs(r.x_adv - x).max() <= eps + 1e-6 and r.x_adv.min() >= 0 and r.x_adv.max() <= 1
 
 
+def _bump_reference(s):
+  """The L2 window's bump, built as published: nested squares added one by one."""
+  def rectangle(a, b):
+    d = np.zeros((a, b))
+    ci, cj = a // 2, b // 2
+    for k in range(max(ci, cj) + 1):
+      d[max(ci - k, 0):min(ci + k + 1, a), max(cj - k, 0):min(cj + k + 1, b)] += 1.0 / (k + 1) ** 2
+    return d / np.sqrt((d ** 2).sum())
+
+  d = np.zeros((s, s))
+  d[:s // 2], d[s // 2:] = rectangle(s // 2, s), -rectangle(s - s // 2, s)
+  return d / np.sqrt((d ** 2).sum())
+
+
+def test_square_l2_bump_and_soundness():
+  """The L2 bump (closed form per pixel, traced size) against the loop
+  construction; on a linear model L2 Square stays on or in the epsilon
+  sphere, never breaks an example the closed form says is robust, and
+  breaks more with more queries."""
+  i, j = np.meshgrid(np.arange(12), np.arange(12), indexing="ij")
+  sides = np.array([3, 4, 5, 8, 11], np.int32)
+  got = jit(jax.vmap(lambda s: bump(i, j, s, 12)))(sides)
+  for s, g in zip(sides, np.asarray(got)):
+    ref = np.zeros((12, 12))
+    ref[:s, :s] = _bump_reference(int(s))
+    np.testing.assert_allclose(g, ref, atol=1e-6)
+  rng = np.random.default_rng(9)
+  hw, d = (8, 8, 1), 64
+  params = {"w": rng.normal(size=(d, 2)).astype(np.float32), "b": np.zeros(2, np.float32)}
+  x = rng.uniform(0.3, 0.7, (32,) + hw).astype(np.float32)
+  y = np.argmax(np.asarray(linear_logits(params, x)), -1).astype(np.int32)
+  dist = _pair_distances(params, x, y, "l2")[np.arange(32), 1 - y]
+  eps = float(np.median(dist))
+  budgets = (10, 100, 1000)
+
+  @jit
+  def go(params, x, y, key):
+    return [square(SquareConfig(norm="l2", epsilon=eps, queries=q), linear_logits, params, x, y,
+                   key) for q in budgets]
+
+  res = jax.device_get(go(params, x, y, jax.random.key(10)))
+  acc = [float(r.correct.mean()) for r in res]
+  assert acc[0] >= acc[1] >= acc[2] and acc[0] > acc[2] >= np.mean(dist > eps), acc
+  for r in res:
+    assert np.all(r.correct[dist > eps + 1e-4])
+    n = np.asarray(A.perturbation_norm(r.x_adv - x, "l2"))
+    assert np.all(n <= eps * (1 + 1e-5)) and r.x_adv.min() >= 0 and r.x_adv.max() <= 1
+
+
 def test_autoattack_on_a_linear_model():
   """5 classes: robust iff every other class stays behind in the worst case
   of the ball; AutoAttack's cumulative accuracy never rises over its parts,
   equals that closed form, equals the per-example worst case of its parts
-  run alone (cascade off, same keys), and is 0 at epsilon 1."""
+  run alone (cascade off, same keys), and is 0 at epsilon 1; the L2 version
+  against the L2 closed form."""
   params, x, y = _linear(5, 40, 5, 0.3, 0.7)
   eps = 0.03
   dist = _pair_distances(params, x, y, "linf").min(1)
   cfg = AA.AutoAttackConfig(epsilon=eps, steps=10, targets=9, square_queries=200)
   alone = AA.AutoAttackConfig(epsilon=eps, steps=10, targets=9, square_queries=200, cascade=False)
   big = AA.AutoAttackConfig(epsilon=1.0, steps=10, square_queries=50)
+  dist_l2 = _pair_distances(params, x, y, "l2").min(1)
+  eps_l2 = float(np.median(dist_l2))
+  l2 = AA.AutoAttackConfig(norm="l2", epsilon=eps_l2, steps=30, square_queries=50)
   # Class c's logit is the sum of quadrant c: every class region meets the
   # box, so at epsilon 1 every example can be broken.
   quadrant = np.zeros((4, 4), np.int32)
@@ -172,10 +225,11 @@ def test_autoattack_on_a_linear_model():
     return (AA.autoattack(cfg, linear_logits, params, x, y, key),
             AA.autoattack(alone, linear_logits, params, x, y, key),
             [p.correct for p in parts],
-            AA.autoattack(big, linear_logits, quad, x, y_quad, key))
+            AA.autoattack(big, linear_logits, quad, x, y_quad, key),
+            AA.autoattack(l2, linear_logits, params, x, y, key))
 
-  cascade, uncascaded, parts, full = jax.device_get(go(params, x, y, quad, y_quad,
-                                                       jax.random.key(6)))
+  cascade, uncascaded, parts, full, in_l2 = jax.device_get(go(params, x, y, quad, y_quad,
+                                                              jax.random.key(6)))
   cum = cascade.cumulative.mean(1)
   assert np.all(np.diff(cum) <= 0) and cum[0] <= 1.0, cum
   decided = np.abs(dist - eps) > 1e-4
@@ -186,6 +240,9 @@ def test_autoattack_on_a_linear_model():
   np.testing.assert_array_equal(uncascaded.correct, cascade.correct)
   assert not np.any(full.correct)
   assert np.abs(cascade.x_adv - x).max() <= eps + 1e-6
+  decided = np.abs(dist_l2 - eps_l2) > 1e-4
+  np.testing.assert_array_equal(in_l2.correct[decided], (dist_l2 > eps_l2)[decided])
+  assert np.all(np.asarray(A.perturbation_norm(in_l2.x_adv - x, "l2")) <= eps_l2 * (1 + 1e-5))
 
 
 def mlp_bn_logits(params, x):

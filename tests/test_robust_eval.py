@@ -229,7 +229,7 @@ def test_attack_presets_and_flag_errors():
     assert record["configs"]["robust_accuracy@0.1"][0]["targets"] == 4  # N - 1 in 5-way
   with flagsaver.flagsaver(attack_target="support", epsilons="0.1"):
     assert attack_flags.attack_settings_from_flags().per_example == ()  # nothing to aim at
-  bad = [dict(attack_preset="huge"), dict(attacks="autoattack", norm="l2"),
+  bad = [dict(attack_preset="huge"), dict(attacks="autoattack", norm="l1"),
          dict(attacks="autoattack", attack_target="both"), dict(square_queries=0),
          dict(per_example_chunk=-1), dict(per_example_attacks="cw"),
          dict(per_example=True, attack_target="support")]
