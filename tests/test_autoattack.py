@@ -254,8 +254,9 @@ def mlp_bn_logits(params, x):
 
 def test_autoattack_on_a_batch_coupled_model_stays_admissible():
   """With batch norm, every part's reported point stays in the ball and the
-  box, FAB's and Square's included, and robust accuracy falls over the parts
-  from at most clean accuracy."""
+  box, FAB's and Square's included, robust accuracy falls over the parts
+  from at most clean accuracy, and more FAB restarts or APGD-T targets never
+  raise it."""
   rng = np.random.default_rng(7)
   params = {"w1": rng.normal(size=(D, 16)).astype(np.float32) / 4,
             "w2": rng.normal(size=(16, 4)).astype(np.float32) / 4}
@@ -265,16 +266,25 @@ def test_autoattack_on_a_batch_coupled_model_stays_admissible():
   eps = 0.1
   cfg = AA.AutoAttackConfig(epsilon=eps, steps=5, square_queries=30)
 
+  fab3 = FabConfig(epsilon=eps, steps=5, restarts=3)
+  apgd_t = cfg.apgd("dlr", targeted=True)
+
   @jit
   def go(params, x, y, key):
     return (AA.autoattack(cfg, mlp_bn_logits, params, x, y, key),
             AA.fab_targeted(cfg.fab(), mlp_bn_logits, params, x, y, key, targets=3),
-            square(cfg.square(), mlp_bn_logits, params, x, y, key))
+            square(cfg.square(), mlp_bn_logits, params, x, y, key),
+            AA.fab_targeted(fab3, mlp_bn_logits, params, x, y, key, targets=3),
+            [AA.apgd_targeted(apgd_t, mlp_bn_logits, params, x, y, key, targets=t).correct
+             for t in (1, 3)])
 
-  auto, fab_t, sq = jax.device_get(go(params, x, y, jax.random.key(8)))
+  auto, fab_t, sq, fab_t3, (one_target, three_targets) = jax.device_get(
+      go(params, x, y, jax.random.key(8)))
   for r in (auto, fab_t, sq):
     assert np.abs(r.x_adv - x).max() <= eps + 1e-6 and r.x_adv.min() >= 0 and r.x_adv.max() <= 1
     assert not np.any(r.correct[:3])
   cum = auto.cumulative
   assert np.all(cum[1:] <= cum[:-1]) and not np.any(cum[:, :3])
   assert auto.correct.mean() < 0.75  # the attacks do something
+  # More restarts, more targets: supersets of the evaluated batches.
+  assert np.all(fab_t3.correct <= fab_t.correct) and np.all(three_targets <= one_target)
