@@ -52,6 +52,15 @@ _APGD_MOMENTUM = 0.75
 _APGD_RHO = 0.75
 
 
+def check_ball(norm: str, epsilon: float) -> None:
+  """Raises ValueError unless norm is "linf" or "l2" and epsilon >= 0 (every
+  attack config checks its ball with this)."""
+  if norm not in _NORMS:
+    raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+  if epsilon < 0:
+    raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+
+
 @dataclasses.dataclass(frozen=True)
 class AttackConfig:
   """Static description of one attack (hashable, so usable as a jit static arg).
@@ -94,12 +103,9 @@ class AttackConfig:
   def __post_init__(self):
     if self.name not in _NAMES:
       raise ValueError(f"name must be one of {_NAMES}, got {self.name!r}")
-    if self.norm not in _NORMS:
-      raise ValueError(f"norm must be one of {_NORMS}, got {self.norm!r}")
+    check_ball(self.norm, self.epsilon)
     if self.loss not in _LOSSES:
       raise ValueError(f"loss must be one of {_LOSSES}, got {self.loss!r}")
-    if self.epsilon < 0:
-      raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
     if self.steps < 1 or self.restarts < 1:
       raise ValueError("steps and restarts must be >= 1")
     if self.clip_min > self.clip_max:
@@ -645,5 +651,5 @@ def per_example(
 __all__ = [
     "AttackConfig", "AttackResult", "attack", "fgsm", "pgd", "apgd", "worst_case", "per_example",
     "perturbation_norm", "project", "pgd_step", "attack_objective", "margin_loss",
-    "target_labels", "apgd_checkpoints",
+    "target_labels", "apgd_checkpoints", "check_ball",
 ]

@@ -68,15 +68,12 @@ class AutoAttackConfig:
   clip_max: float = 1.0
 
   def __post_init__(self):
-    if self.norm not in ("linf", "l2"):
-      raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
+    attacks.check_ball(self.norm, self.epsilon)
     unknown = [p for p in self.parts if p not in PARTS]
     if unknown or not self.parts or len(set(self.parts)) != len(self.parts):
       raise ValueError(f"parts must be distinct names from {PARTS}, got {self.parts}")
     if self.steps < 1 or self.restarts < 1 or self.targets < 1 or self.square_queries < 1:
       raise ValueError("steps, restarts, targets and square_queries must be >= 1")
-    if self.epsilon < 0:
-      raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
 
   def apgd(self, loss: str, targeted: bool = False) -> AttackConfig:
     return AttackConfig("apgd", norm=self.norm, epsilon=self.epsilon, steps=self.steps,

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from advmaml.attacks import AttackConfig, LogitsFn, perturbation_norm, project
+from advmaml.attacks import AttackConfig, LogitsFn, check_ball, perturbation_norm, project
 
 _BISECTIONS = 50
 _TINY = 1e-12
@@ -66,12 +66,9 @@ class FabConfig:
   clip_max: float = 1.0
 
   def __post_init__(self):
-    if self.norm not in ("linf", "l2"):
-      raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
+    check_ball(self.norm, self.epsilon)
     if self.steps < 1 or self.restarts < 1:
       raise ValueError("steps and restarts must be >= 1")
-    if self.epsilon < 0:
-      raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
 
   def ball(self) -> AttackConfig:
     """The epsilon ball and box, for projections."""

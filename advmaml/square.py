@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from advmaml.attacks import AttackResult, LogitsFn, margin_loss
+from advmaml.attacks import AttackResult, LogitsFn, check_ball, margin_loss
 
 # Fractions of 10,000 queries after which p halves (Andriushchenko et al. 2020).
 _P_STEPS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -75,10 +75,7 @@ class SquareConfig:
   clip_max: float = 1.0
 
   def __post_init__(self):
-    if self.norm not in ("linf", "l2"):
-      raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
-    if self.epsilon < 0:
-      raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
+    check_ball(self.norm, self.epsilon)
     if self.queries < 1 or self.restarts < 1:
       raise ValueError("queries and restarts must be >= 1")
     if not 0 < self.p_init <= 1:
