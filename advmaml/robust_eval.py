@@ -339,6 +339,8 @@ def make_metric_fn(attack_names: Sequence[str], epsilons: Sequence[float], *, n_
     raise ValueError("per_example attacks attack the query set; target 'support' has none")
   if "autoattack" in attack_names and target != "query":
     raise ValueError("autoattack attacks the query set; use target 'query'")
+  if "autoattack" in per_example:
+    raise ValueError("autoattack cannot be aimed at one example; per_example takes gradient attacks")
   return _cached_metric_fn(tuple(attack_names), tuple(float(e) for e in epsilons), n_way,
                            inner_steps, norm, steps, restarts, relative_step_size, target,
                            tuple(per_example), int(per_example_chunk), int(square_queries))

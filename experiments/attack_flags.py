@@ -47,8 +47,8 @@ PER_EXAMPLE = flags.DEFINE_bool(
     "--attack_target=support). --noper_example: summed-loss attacks only.")
 PER_EXAMPLE_ATTACKS = flags.DEFINE_string(
     "per_example_attacks", "margin,apgd",
-    "Comma list of the attacks aimed at each query example (names as in --attacks; the same "
-    "steps and restarts).")
+    "Comma list of the attacks aimed at each query example (names as in --attacks but "
+    "autoattack; the same steps and restarts).")
 PER_EXAMPLE_CHUNK = flags.DEFINE_integer(
     "per_example_chunk", 0,
     "Aimed attacks vmapped together (0: all N*Q of an episode at once); smaller uses less "
@@ -94,6 +94,9 @@ def _attack_names(flag, value=None) -> tuple[str, ...]:
 def _per_example_names(target: str) -> tuple[str, ...]:
   """The aimed attacks the flags ask for: () when off or without a query attack."""
   names = _attack_names(PER_EXAMPLE_ATTACKS)
+  if "autoattack" in names:
+    raise app.UsageError("--per_example_attacks cannot aim autoattack at one example; name "
+                         "gradient attacks (e.g. margin,apgd)")
   if PER_EXAMPLE_CHUNK.value < 0:
     raise app.UsageError(f"--per_example_chunk={PER_EXAMPLE_CHUNK.value} must be >= 0 (0: all at once)")
   if not PER_EXAMPLE.value:

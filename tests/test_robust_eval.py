@@ -232,6 +232,7 @@ def test_attack_presets_and_flag_errors():
   bad = [dict(attack_preset="huge"), dict(attacks="autoattack", norm="l1"),
          dict(attacks="autoattack", attack_target="both"), dict(square_queries=0),
          dict(per_example_chunk=-1), dict(per_example_attacks="cw"),
+         dict(per_example_attacks="margin,autoattack"),
          dict(per_example=True, attack_target="support")]
   for overrides in bad:
     with flagsaver.flagsaver(epsilons="0.1", **overrides):
