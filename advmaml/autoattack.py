@@ -21,6 +21,10 @@ Parts (the published defaults of the standard version):
   target classes, ``steps`` iterations, ``restarts`` per target.
 * Square: score-based random search (:mod:`advmaml.square`),
   ``square_queries`` (5000) queries, p_init 0.8, one restart.
+
+Known deviation: APGD starts where :mod:`advmaml.attacks` starts it, uniformly
+in the ball, where AutoAttack's code scales its random start to the ball's
+surface.
 """
 
 from __future__ import annotations

@@ -263,7 +263,10 @@ def robust_metrics(learner: Learner, meta_params: dict, episode: Episode, key: j
   epsilon; for ``target="both"`` also ``query_robust_accuracy@<eps>`` and
   ``support_robust_accuracy@<eps>`` (the single-sided components); with
   per_example_sets also ``summed_robust_accuracy@<eps>``, the robust accuracy
-  under the summed-loss attacks alone (>= robust_accuracy per example).
+  under the summed-loss attacks alone (>= robust_accuracy per example); with
+  an AutoAttackConfig in the set (target "query" only) also
+  ``autoattack_<part>_robust_accuracy@<eps>``, AutoAttack's own robust
+  accuracy after each of its parts.
   The attacks at an epsilon use a key derived from ``key`` and that epsilon:
   query attack ``fold_in(k_eps, 0)``, support attack ``fold_in(k_eps, 1)``.
   """
