@@ -32,6 +32,8 @@ Deviation, for jit: where an L-inf proposal would not change the window, the
 original redraws its signs; here 4 draws are made at once and the first that
 changes the window is taken (with one channel a window is otherwise
 unchanged half the time late in the run, when windows are single pixels).
+The L2 bump's random transposition is drawn per example, where AutoAttack's
+code draws one per query for the whole batch.
 """
 
 from __future__ import annotations
