@@ -6,7 +6,9 @@ in ``[clip_min, clip_max]`` and logits of shape (B, num_classes).
 The model may normalise with the statistics of its own batch (batch norm in
 training mode), which couples the examples of a batch. Every attack therefore
 
-* perturbs the whole batch jointly, ascending the *sum* of per-example losses;
+* perturbs the whole batch jointly, ascending the *sum* of per-example losses
+  (:func:`per_example` adds, for each example, attacks ascending that
+  example's loss alone, still perturbing the whole batch);
 * judges correctness only on whole batches it actually evaluated.
 
 ``AttackResult.correct`` is True for an example iff it was classified correctly
@@ -48,6 +50,15 @@ _TINY = 1e-12
 # APGD constants from Croce & Hein (2020), Sec. 3.
 _APGD_MOMENTUM = 0.75
 _APGD_RHO = 0.75
+
+
+def check_ball(norm: str, epsilon: float) -> None:
+  """Raises ValueError unless norm is "linf" or "l2" and epsilon >= 0 (every
+  attack config checks its ball with this)."""
+  if norm not in _NORMS:
+    raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+  if epsilon < 0:
+    raise ValueError(f"epsilon must be >= 0, got {epsilon}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +103,9 @@ class AttackConfig:
   def __post_init__(self):
     if self.name not in _NAMES:
       raise ValueError(f"name must be one of {_NAMES}, got {self.name!r}")
-    if self.norm not in _NORMS:
-      raise ValueError(f"norm must be one of {_NORMS}, got {self.norm!r}")
+    check_ball(self.norm, self.epsilon)
     if self.loss not in _LOSSES:
       raise ValueError(f"loss must be one of {_LOSSES}, got {self.loss!r}")
-    if self.epsilon < 0:
-      raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
     if self.steps < 1 or self.restarts < 1:
       raise ValueError("steps and restarts must be >= 1")
     if self.clip_min > self.clip_max:
@@ -275,13 +283,20 @@ def target_labels(key: jax.Array, y: jax.Array, num_classes: int) -> jax.Array:
 # Shared machinery.
 
 
-def _track_update(tr: _Track, xb, logits, obj, y, target) -> _Track:
-  """Records an evaluated batch `xb` with its logits and objective."""
+def _track_update(tr: _Track, xb, logits, obj, y, target, aim=None) -> _Track:
+  """Records an evaluated batch `xb` with its logits and objective.
+
+  aim: None, or the index of the one example an aimed attack is after; then
+  `obj` holds that example's objective in every row and the tier is its tier,
+  so every row keeps the same batch: the one strongest against that example.
+  """
   pred = jnp.argmax(logits, axis=-1)
   wrong = pred != y
   tier = wrong.astype(jnp.int32)
   if target is not None:
     tier = tier + (pred == target).astype(jnp.int32)
+  if aim is not None:
+    tier = jnp.broadcast_to(tier[aim], tier.shape)
   better = (tier > tr.tier) | ((tier == tr.tier) & (obj > tr.obj))
   return _Track(
       x=jnp.where(_bcast(better, xb), xb, tr.x),
@@ -292,13 +307,31 @@ def _track_update(tr: _Track, xb, logits, obj, y, target) -> _Track:
   )
 
 
-def _make_evaluate(cfg, logits_fn, params, y, target):
-  """xb -> (logits, per-example objective, gradient of the summed objective)."""
+def _rows_objective(logits, y, loss, target, aim):
+  """The per-row objective (B,): each example's own, or with `aim` that
+  example's objective in every row."""
+  obj = attack_objective(logits, y, loss, target)
+  return obj if aim is None else jnp.broadcast_to(obj[aim], obj.shape)
+
+
+def _make_evaluate(cfg, logits_fn, params, y, target, aim=None, mask=None):
+  """xb -> (logits, per-example objective, gradient of the summed objective).
+
+  mask: optional (B,) bool; only those rows' objectives are summed (the
+  others remain in the batch).
+
+  With `aim` (an example index), the gradient is that of example `aim`'s
+  objective alone, and that objective is returned in every row: APGD's
+  per-row step-size control then follows the aimed objective, identically in
+  every row, and moves the whole batch for the one example.
+  """
 
   def total(xb):
     logits = logits_fn(params, xb)
-    obj = attack_objective(logits, y, cfg.loss, target)
-    return jnp.sum(obj), (logits, obj)
+    obj = _rows_objective(logits, y, cfg.loss, target, aim)
+    if aim is not None:  # every row holds the one objective: row 0 is the scalar to ascend
+      return obj[0], (logits, obj)
+    return jnp.sum(obj if mask is None else jnp.where(mask, obj, 0.0)), (logits, obj)
 
   grad_fn = jax.value_and_grad(total, has_aux=True)
 
@@ -315,7 +348,7 @@ def pgd_step(xk, g, x, cfg: AttackConfig, step_size) -> jax.Array:
   return project(xk + step_size * ascent_direction(g, cfg.norm), x, cfg)
 
 
-def _pgd_restart(cfg, evaluate, x, y, target, key, tr, steps, step_size):
+def _pgd_restart(cfg, evaluate, record, x, key, tr, steps, step_size):
   """One PGD run: evaluates x_0, ..., x_steps (steps+1 gradient evaluations,
   the last update is discarded) so that PGD-k's evaluations are a prefix of
   PGD-2k's with the same start and step size."""
@@ -324,7 +357,7 @@ def _pgd_restart(cfg, evaluate, x, y, target, key, tr, steps, step_size):
   def body(_, carry):
     xk, tr = carry
     logits, obj, g = evaluate(xk)
-    tr = _track_update(tr, xk, logits, obj, y, target)
+    tr = record(tr, xk, logits, obj)
     return pgd_step(xk, g, x, cfg, step_size), tr
 
   _, tr = lax.fori_loop(0, steps + 1, body, (x0, tr))
@@ -342,7 +375,7 @@ def apgd_checkpoints(n_iter: int) -> list[int]:
   return [wj for wj in w if wj < n_iter]
 
 
-def _apgd_restart(cfg, evaluate, x, y, target, key, tr):
+def _apgd_restart(cfg, evaluate, record, x, key, tr):
   """One APGD run (Croce & Hein 2020, Alg. 1) with per-example step sizes.
 
   Iteration k = 0..N-1 produces x^(k+1) (k = 0: plain step, then momentum
@@ -365,7 +398,7 @@ def _apgd_restart(cfg, evaluate, x, y, target, key, tr):
 
   x0 = random_start(key, x, cfg)
   logits0, f0, g0 = evaluate(x0)
-  tr = _track_update(tr, x0, logits0, f0, y, target)
+  tr = record(tr, x0, logits0, f0)
   eta0 = jnp.full(x.shape[:1], 2.0 * cfg.epsilon, x.dtype)
   zero_count = jnp.zeros(x.shape[:1], jnp.float32)
   carry0 = dict(
@@ -383,7 +416,7 @@ def _apgd_restart(cfg, evaluate, x, y, target, key, tr):
     x_mom = project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - c["x_prev"]), x, cfg)
     x_new = jnp.where(k == 0, z, x_mom)
     logits, f_new, g_new = evaluate(x_new)
-    tr = _track_update(c["tr"], x_new, logits, f_new, y, target)
+    tr = record(c["tr"], x_new, logits, f_new)
 
     increased = (f_new > c["f_cur"]).astype(jnp.float32)
     improved = f_new > c["f_max"]
@@ -439,14 +472,28 @@ def _last_iterate(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> 
   return AttackResult(lax.stop_gradient(x_adv), correct)
 
 
-def _run(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> _Track:
-  """Clean batch + all restarts of one attack, as a _Track."""
+def _run(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key, aim=None, targets=None,
+         mask=None) -> _Track:
+  """Clean batch + all restarts of one attack, as a _Track.
+
+  aim: None (ascend the summed objective of the batch), or an example index
+  (possibly traced): ascend that example's objective alone, perturbing the
+  whole batch; the track then keeps, in every row, the batch strongest
+  against that example, while `correct` still covers every row.
+  targets: optional (B,) target classes of a targeted attack (default:
+  target_labels(key, ...)). mask: optional (B,) bool, the rows whose
+  objectives are summed (not with aim).
+  """
   if not cfg.track_best:
     raise ValueError("worst_case compares tracked attacks; use track_best=True")
   params = lax.stop_gradient(params)
   x = lax.stop_gradient(x)
   logits = logits_fn(params, x)
-  target = target_labels(key, y, logits.shape[-1]) if cfg.targeted else None
+  if targets is not None and not cfg.targeted:
+    raise ValueError("targets are for a targeted attack; set targeted=True")
+  target = targets
+  if cfg.targeted and targets is None:
+    target = target_labels(key, y, logits.shape[-1])
   tr = _Track(
       x=x,
       tier=jnp.full(y.shape, -1, jnp.int32),
@@ -454,15 +501,19 @@ def _run(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> _Track:
       margin=jnp.full(y.shape, -jnp.inf, logits.dtype),
       correct=jnp.ones(y.shape, bool),
   )
+
+  def record(tr, xb, logits, obj):
+    return _track_update(tr, xb, logits, obj, y, target, aim)
+
   # The clean batch counts as evaluated: robust accuracy <= clean accuracy.
-  tr = _track_update(tr, x, logits, attack_objective(logits, y, cfg.loss, target), y, target)
-  evaluate = _make_evaluate(cfg, logits_fn, params, y, target)
+  tr = record(tr, x, logits, _rows_objective(logits, y, cfg.loss, target, aim))
+  evaluate = _make_evaluate(cfg, logits_fn, params, y, target, aim, mask)
 
   def one_restart(r, tr):
     k = _restart_key(key, r)
     if cfg.name == "apgd":
-      return _apgd_restart(cfg, evaluate, x, y, target, k, tr)
-    return _pgd_restart(cfg, evaluate, x, y, target, k, tr, cfg.resolved_steps(),
+      return _apgd_restart(cfg, evaluate, record, x, k, tr)
+    return _pgd_restart(cfg, evaluate, record, x, k, tr, cfg.resolved_steps(),
                         cfg.resolved_step_size())
 
   tr = lax.fori_loop(0, cfg.restarts, one_restart, tr)
@@ -473,7 +524,8 @@ def _run(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> _Track:
 # Public API.
 
 
-def attack(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> AttackResult:
+def attack(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key, *, targets=None,
+           mask=None) -> AttackResult:
   """Runs the attack named by `cfg.name`.
 
   Args:
@@ -484,12 +536,17 @@ def attack(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> AttackR
     y: (B,) int true labels.
     key: typed PRNG key (jax.random.key); targets come from
       target_labels(key, ...), restart r from a fold_in of it.
+    targets: optional (B,) classes a targeted attack moves towards instead.
+    mask: optional (B,) bool: only these rows' objectives are ascended (the
+      others stay in the batch, and correct still covers them).
   Returns:
     AttackResult with x_adv (B, H, W, C) and correct (B,).
   """
   if not cfg.track_best:
+    if targets is not None or mask is not None:
+      raise ValueError("targets and mask need track_best=True")
     return _last_iterate(cfg, logits_fn, params, x, y, key)
-  tr = _run(cfg, logits_fn, params, x, y, key)
+  tr = _run(cfg, logits_fn, params, x, y, key, targets=targets, mask=mask)
   return AttackResult(tr.x, tr.correct)
 
 
@@ -512,6 +569,15 @@ def apgd(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key) -> AttackRes
   return attack(dataclasses.replace(cfg, name="apgd"), logits_fn, params, x, y, key)
 
 
+def _strongest(correct: jax.Array, margin: jax.Array) -> jax.Array:
+  """Index along axis 0 of the attack to take a point from: one that
+  misclassified the example if any did, the largest margin among those.
+  correct, margin: (A, ...) -> (...) int."""
+  fooled = ~correct
+  eligible = fooled | ~jnp.any(fooled, axis=0, keepdims=True)
+  return jnp.argmax(jnp.where(eligible, margin, -jnp.inf), axis=0)
+
+
 def worst_case(
     cfg_list: Sequence[AttackConfig], logits_fn: LogitsFn, params, x, y, key
 ) -> AttackResult:
@@ -529,15 +595,61 @@ def worst_case(
       for i, c in enumerate(cfg_list)
   ]
   st = jax.tree.map(lambda *a: jnp.stack(a), *tracks)  # leading attack axis
-  fooled = ~st.correct  # (A, B)
-  eligible = fooled | ~jnp.any(fooled, axis=0, keepdims=True)
-  best = jnp.argmax(jnp.where(eligible, st.margin, -jnp.inf), axis=0)  # (B,)
+  best = _strongest(st.correct, st.margin)  # (B,)
   x_adv = jnp.take_along_axis(st.x, _bcast(best, x)[None], axis=0)[0]
   return AttackResult(x_adv, jnp.all(st.correct, axis=0))
 
 
+def per_example(
+    cfg_list: Sequence[AttackConfig], logits_fn: LogitsFn, params, x, y, key, *, chunk: int = 0
+) -> AttackResult:
+  """Aimed attacks: for every example i, each attack ascends example i's
+  objective alone while perturbing the whole batch (B attacks per config).
+
+  Where the model normalises with its batch's statistics, the other rows'
+  perturbations move those statistics against example i, which an attack on
+  the summed objective, pulling every row its own way, does not search for.
+  Attack a aimed at example i runs with key fold_in(fold_in(key, a), i).
+
+  Accounting as everywhere in this module: ``correct[j]`` is True iff example
+  j was classified correctly in every batch any aimed attack evaluated, not
+  only those aimed at j. Every such batch lies in the threat model (each row
+  in its own ball and the box), so a misclassification there is as valid a
+  witness as one found by the attack aimed at j; ignoring it would only
+  overstate robustness.
+
+  Args:
+    cfg_list, logits_fn, params, x, y, key: as for :func:`worst_case`.
+    chunk: aims vmapped together: 0 all B at once, n > 0 a ``lax.map`` over
+      chunks of n (same results, less memory).
+  Returns:
+    AttackResult with x_adv (B, B, H, W, C), x_adv[i] the whole batch
+    strongest against example i (choice as in :func:`worst_case`), and
+    correct (B,).
+  """
+  if not cfg_list:
+    raise ValueError("per_example needs at least one attack")
+  if chunk < 0:
+    raise ValueError(f"chunk must be >= 0, got {chunk}")
+  keys = [jax.random.fold_in(key, a) for a in range(len(cfg_list))]
+
+  def aimed(i):
+    tracks = [_run(c, logits_fn, params, x, y, jax.random.fold_in(k, i), aim=i)
+              for c, k in zip(cfg_list, keys)]
+    st = jax.tree.map(lambda *a: jnp.stack(a), *tracks)  # (A, B, ...)
+    best = _strongest(st.correct[:, i], st.margin[:, i])  # one attack for row i
+    return st.x[best], jnp.all(st.correct, axis=0)
+
+  aims = jnp.arange(y.shape[0])
+  if chunk:
+    x_adv, correct = lax.map(aimed, aims, batch_size=chunk)
+  else:
+    x_adv, correct = jax.vmap(aimed)(aims)
+  return AttackResult(x_adv, jnp.all(correct, axis=0))
+
+
 __all__ = [
-    "AttackConfig", "AttackResult", "attack", "fgsm", "pgd", "apgd", "worst_case",
+    "AttackConfig", "AttackResult", "attack", "fgsm", "pgd", "apgd", "worst_case", "per_example",
     "perturbation_norm", "project", "pgd_step", "attack_objective", "margin_loss",
-    "target_labels", "apgd_checkpoints",
+    "target_labels", "apgd_checkpoints", "check_ball",
 ]

@@ -13,6 +13,15 @@ Three threat models (``target``), all at test time against fixed meta-parameters
   query-only, support-only, and the query attack against the model adapted on
   the poisoned support.
 
+Batch norm normalises the query batch with its own statistics (transductive),
+so the query attack may, for each query example, perturb the whole batch to
+break that example alone. Besides the attacks on the summed loss, the query
+attack therefore runs, for every query example, the ``per_example`` attacks
+aimed at it (:func:`advmaml.attacks.per_example`; N * Q attacks per episode
+and config). Both numbers are reported: ``summed_robust_accuracy@<eps>``
+(summed-loss attacks only) and ``robust_accuracy@<eps>`` (those and the
+aimed ones). Without ``per_example`` attacks only the latter is written.
+
 Robust accuracy follows :mod:`advmaml.attacks`: a query example is correct only
 if it was classified correctly at *every* batch an attack evaluated, including
 the clean one. It is ANDed once more with clean correctness, so robust <= clean
@@ -38,10 +47,11 @@ from jax import lax
 
 from advmaml import attacks
 from advmaml.attacks import AttackConfig
+from advmaml.autoattack import PARTS as AUTOATTACK_PARTS, AutoAttackConfig, autoattack
 from advmaml.data.episodes import Episode
 from advmaml.maml import Learner
 
-ATTACK_NAMES = ("pgd", "margin", "apgd", "fgsm")
+ATTACK_NAMES = ("pgd", "margin", "apgd", "fgsm", "autoattack")
 TARGETS = ("query", "support", "both")
 NORMS = ("linf", "l2")
 
@@ -56,14 +66,21 @@ def metric_key(epsilon: float, prefix: str = "robust_accuracy") -> str:
 
 
 def attack_config(name: str, epsilon: float, *, n_way: int, norm: str = "linf", steps: int = 20,
-                  restarts: int = 1, relative_step_size: float | None = None) -> AttackConfig:
+                  restarts: int = 1, relative_step_size: float | None = None,
+                  square_queries: int = 5000) -> AttackConfig | AutoAttackConfig:
   """One named attack at radius ``epsilon``.
 
   pgd: PGD on cross-entropy; margin: PGD on the Carlini-Wagner margin;
   apgd: APGD on DLR (on cross-entropy when n_way < 3, where DLR is undefined);
-  fgsm: one step of size epsilon from the clean point. ``relative_step_size``
-  (step / epsilon) overrides the attacks' default PGD/FGSM step size.
+  fgsm: one step of size epsilon from the clean point; autoattack:
+  :func:`advmaml.autoattack.autoattack` with ``steps`` and ``restarts`` for
+  its gradient attacks, up to n_way - 1 targets and ``square_queries``
+  (query attacks only). ``relative_step_size`` (step / epsilon) overrides the
+  attacks' default PGD/FGSM step size.
   """
+  if name == "autoattack":
+    return AutoAttackConfig(epsilon=float(epsilon), norm=norm, steps=steps, restarts=restarts,
+                            targets=min(9, max(n_way - 1, 1)), square_queries=square_queries)
   step_size = None if relative_step_size is None else relative_step_size * epsilon
   common = dict(norm=norm, epsilon=float(epsilon), step_size=step_size)
   if name == "pgd":
@@ -197,9 +214,32 @@ def poison_support(learner: Learner, meta_params: dict, episode: Episode, key: j
 # Per-episode metric.
 
 
-def _query_correct(learner: Learner, fast: dict, episode: Episode, key, cfgs) -> jax.Array:
-  """(Q,) bool: worst case over ``cfgs`` of the query attack on adapted ``fast``."""
-  return attacks.worst_case(cfgs, learner.apply_fn, fast, episode.query_x, episode.query_y, key).correct
+def _query_correct(learner: Learner, fast: dict, episode: Episode, key, cfgs, aimed_cfgs,
+                   aim_chunk) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """(summed, all, cumulative): the query attack on adapted ``fast``.
+
+  summed: (Q,) worst case over ``cfgs`` (summed-loss attacks) with ``key``, as
+  before aimed attacks existed, so its numbers do not change, AND AutoAttack
+  if cfgs hold it (key ``fold_in(key, 2)``). all: (Q,) that AND the
+  ``aimed_cfgs`` attacks aimed at each query example (key
+  ``fold_in(key, 1)``); equal to summed without aimed_cfgs. cumulative:
+  (parts, Q) AutoAttack's robustness after each of its parts, or None.
+  """
+  qx, qy = episode.query_x, episode.query_y
+  plain = tuple(c for c in cfgs if isinstance(c, AttackConfig))
+  auto = [c for c in cfgs if isinstance(c, AutoAttackConfig)]
+  summed = jnp.ones(qy.shape, bool)
+  if plain:
+    summed = attacks.worst_case(plain, learner.apply_fn, fast, qx, qy, key).correct
+  cumulative = None
+  if auto:
+    aa = autoattack(auto[0], learner.apply_fn, fast, qx, qy, jax.random.fold_in(key, 2))
+    summed, cumulative = summed & aa.correct, aa.cumulative
+  if not aimed_cfgs:
+    return summed, summed, cumulative
+  aimed = attacks.per_example(aimed_cfgs, learner.apply_fn, fast, qx, qy,
+                              jax.random.fold_in(key, 1), chunk=aim_chunk).correct
+  return summed, summed & aimed, cumulative
 
 
 def _stack(*trees):
@@ -208,28 +248,55 @@ def _stack(*trees):
 
 def robust_metrics(learner: Learner, meta_params: dict, episode: Episode, key: jax.Array, *,
                    inner_steps: int, attack_sets: tuple[tuple[AttackConfig, ...], ...],
-                   target: str = "query") -> dict:
+                   target: str = "query",
+                   per_example_sets: tuple[tuple[AttackConfig, ...], ...] = (),
+                   per_example_chunk: int = 0) -> dict:
   """Clean and robust query accuracy of one episode (an ``EpisodeMetricFn``).
 
   episode: one task without a task axis (support (S, H, W, C), query (Q, H, W, C)).
   attack_sets: per epsilon, the attacks whose per-example worst case is taken.
+  per_example_sets: () or, per epsilon (same order and radii as attack_sets),
+    the attacks aimed at each query example in turn (query attacks only; not
+    for target "support", whose query set is clean). per_example_chunk: aims
+    vmapped together (0: all).
   Returns scalars ``clean_accuracy`` and ``robust_accuracy@<eps>`` per
   epsilon; for ``target="both"`` also ``query_robust_accuracy@<eps>`` and
-  ``support_robust_accuracy@<eps>`` (the single-sided components).
+  ``support_robust_accuracy@<eps>`` (the single-sided components); with
+  per_example_sets also ``summed_robust_accuracy@<eps>``, the robust accuracy
+  under the summed-loss attacks alone (>= robust_accuracy per example); with
+  an AutoAttackConfig in the set (target "query" only) also
+  ``autoattack_<part>_robust_accuracy@<eps>``, AutoAttack's own robust
+  accuracy after each of its parts.
   The attacks at an epsilon use a key derived from ``key`` and that epsilon:
   query attack ``fold_in(k_eps, 0)``, support attack ``fold_in(k_eps, 1)``.
   """
   if target not in TARGETS:
     raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+  if target != "query" and any(isinstance(c, AutoAttackConfig) for cfgs in attack_sets
+                               for c in cfgs):
+    raise ValueError("autoattack attacks the query set; use target 'query'")
+  if per_example_sets and (target == "support" or len(per_example_sets) != len(attack_sets)):
+    raise ValueError("per_example_sets need a query attack and one set per epsilon")
   fast = learner.adapt(meta_params, episode.support_x, episode.support_y, steps=inner_steps)
   clean_correct = jnp.argmax(learner.apply_fn(fast, episode.query_x), -1) == episode.query_y
   correct_by_name = {"clean_accuracy": clean_correct}  # name -> (Q,) bool
-  for cfgs in attack_sets:
+  for i, cfgs in enumerate(attack_sets):
     eps = _epsilon_of(cfgs)
+    aimed_cfgs = per_example_sets[i] if per_example_sets else ()
+    if aimed_cfgs and _epsilon_of(aimed_cfgs + tuple(cfgs)) != eps:
+      raise ValueError("per_example_sets must follow attack_sets' epsilons")
     k_eps = _epsilon_key(key, eps)
     k_query, k_support = jax.random.fold_in(k_eps, 0), jax.random.fold_in(k_eps, 1)
+    query = functools.partial(_query_correct, learner, episode=episode, key=k_query, cfgs=cfgs,
+                              aimed_cfgs=aimed_cfgs, aim_chunk=per_example_chunk)
+    summed = None
     if target == "query":
-      correct = clean_correct & _query_correct(learner, fast, episode, k_query, cfgs)
+      summed, q_all, cumulative = query(fast)
+      summed, correct = clean_correct & summed, clean_correct & q_all
+      if cumulative is not None:
+        parts = next(c for c in cfgs if isinstance(c, AutoAttackConfig)).parts
+        for name, ok in zip(parts, cumulative):
+          correct_by_name[metric_key(eps, f"autoattack_{name}_robust_accuracy")] = clean_correct & ok
     elif target == "support":
       poisoned = poison_support(learner, meta_params, episode, k_support, inner_steps=inner_steps,
                                 cfgs=cfgs)
@@ -240,14 +307,17 @@ def robust_metrics(learner: Learner, meta_params: dict, episode: Episode, key: j
       fast_poisoned = learner.adapt(meta_params, poisoned.support_x, episode.support_y,
                                     steps=inner_steps)
       # One traced attack for both models (clean-adapted, poisoned-adapted): half the compile.
-      q_clean, q_poisoned = jax.vmap(
-          lambda p: _query_correct(learner, p, episode, k_query, cfgs))(_stack(fast, fast_poisoned))
+      summed_q, all_q, _ = jax.vmap(query)(_stack(fast, fast_poisoned))  # (2, Q) each
+      (s_clean, s_poisoned), (q_clean, q_poisoned) = summed_q, all_q
       query_ok = clean_correct & q_clean
       support_ok = clean_correct & poisoned.correct
       correct = query_ok & support_ok & q_poisoned
+      summed = clean_correct & s_clean & support_ok & s_poisoned
       correct_by_name[metric_key(eps, "query_robust_accuracy")] = query_ok
       correct_by_name[metric_key(eps, "support_robust_accuracy")] = support_ok
     correct_by_name[metric_key(eps)] = correct
+    if aimed_cfgs:
+      correct_by_name[metric_key(eps, "summed_robust_accuracy")] = summed
   # One reduction for all rows: equal counts give bit-equal accuracies, so the
   # per-example ANDs carry over to the floats exactly (robust <= clean).
   names = list(correct_by_name)
@@ -257,24 +327,38 @@ def robust_metrics(learner: Learner, meta_params: dict, episode: Episode, key: j
 
 def make_metric_fn(attack_names: Sequence[str], epsilons: Sequence[float], *, n_way: int,
                    inner_steps: int, norm: str = "linf", steps: int = 20, restarts: int = 1,
-                   relative_step_size: float | None = None, target: str = "query"):
+                   relative_step_size: float | None = None, target: str = "query",
+                   per_example: Sequence[str] = (), per_example_chunk: int = 0,
+                   square_queries: int = 5000):
   """A hashable metric_fn for ``evaluate_episodes``: clean plus robust accuracy
   per epsilon, under the worst case of the named attacks (see
-  :func:`attack_config`). Cached, so equal arguments give the same object and
-  jit reuses its compiled evaluation (a partial hashes by identity)."""
+  :func:`attack_config`) and, with ``per_example`` names, of those attacks
+  aimed at each query example (same steps and restarts). Cached, so equal
+  arguments give the same object and jit reuses its compiled evaluation (a
+  partial hashes by identity)."""
   if target not in TARGETS:
     raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+  if per_example and target == "support":
+    raise ValueError("per_example attacks attack the query set; target 'support' has none")
+  if "autoattack" in attack_names and target != "query":
+    raise ValueError("autoattack attacks the query set; use target 'query'")
+  if "autoattack" in per_example:
+    raise ValueError("autoattack cannot be aimed at one example; per_example takes gradient attacks")
   return _cached_metric_fn(tuple(attack_names), tuple(float(e) for e in epsilons), n_way,
-                           inner_steps, norm, steps, restarts, relative_step_size, target)
+                           inner_steps, norm, steps, restarts, relative_step_size, target,
+                           tuple(per_example), int(per_example_chunk), int(square_queries))
 
 
 @functools.lru_cache(maxsize=None)
 def _cached_metric_fn(names, epsilons, n_way, inner_steps, norm, steps, restarts,
-                      relative_step_size, target):
-  sets = attack_sets(names, epsilons, n_way=n_way, norm=norm, steps=steps, restarts=restarts,
-                     relative_step_size=relative_step_size)
+                      relative_step_size, target, per_example, per_example_chunk, square_queries):
+  kwargs = dict(n_way=n_way, norm=norm, steps=steps, restarts=restarts,
+                relative_step_size=relative_step_size, square_queries=square_queries)
+  sets = attack_sets(names, epsilons, **kwargs)
+  aimed = attack_sets(per_example, epsilons, **kwargs) if per_example else ()
   return functools.partial(robust_metrics, inner_steps=inner_steps, attack_sets=sets,
-                           target=target)
+                           target=target, per_example_sets=aimed,
+                           per_example_chunk=per_example_chunk)
 
 
 # ----------------------------------------------------------------------------
@@ -310,13 +394,19 @@ def adversarial_examples(learner: Learner, meta_params: dict, episode: Episode, 
     return {"clean_x": episode.support_x, "adv_x": support_adv, "y": episode.support_y,
             "clean_pred": predict(fast, episode.support_x),
             "adv_pred": predict(adv_fast, support_adv)}
-  x_adv = attacks.worst_case(cfgs, learner.apply_fn, adv_fast, episode.query_x, episode.query_y,
-                             k_query).x_adv
+  plain = tuple(c for c in cfgs if isinstance(c, AttackConfig))
+  if plain:
+    x_adv = attacks.worst_case(plain, learner.apply_fn, adv_fast, episode.query_x,
+                               episode.query_y, k_query).x_adv
+  else:  # AutoAttack alone, with its key in robust_metrics
+    auto = next(c for c in cfgs if isinstance(c, AutoAttackConfig))
+    x_adv = autoattack(auto, learner.apply_fn, adv_fast, episode.query_x, episode.query_y,
+                       jax.random.fold_in(k_query, 2)).x_adv
   return {"clean_x": episode.query_x, "adv_x": x_adv, "y": episode.query_y,
           "clean_pred": predict(fast, episode.query_x), "adv_pred": predict(adv_fast, x_adv)}
 
 
 __all__ = [
-    "ATTACK_NAMES", "TARGETS", "NORMS", "metric_key", "attack_config", "attack_sets",
+    "ATTACK_NAMES", "AUTOATTACK_PARTS", "TARGETS", "NORMS", "metric_key", "attack_config", "attack_sets",
     "PoisonResult", "poison_support", "robust_metrics", "make_metric_fn", "adversarial_examples",
 ]

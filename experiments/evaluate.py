@@ -3,10 +3,16 @@ r"""Evaluate a trained few-shot learner on test episodes, clean or under attack.
   python -m experiments.evaluate --workdir=runs/maml_5w1s [--episodes=600 --seed=0]
   python -m experiments.evaluate --workdir=runs/maml_5w1s --epsilons=0.025,0.05,0.1 \
       --attacks=pgd,margin,apgd --norm=linf --attack_steps=20 --attack_target=query
+  python -m experiments.evaluate --workdir=runs/maml_5w1s --epsilons=0.05,0.1 \
+      --attack_preset=autoattack
 
 Writes <workdir>/eval_<split>.json (or --output) with the mean accuracy and its
 95% confidence interval. With --epsilons, the metrics are clean_accuracy and
-robust_accuracy@<eps> (per-example worst case over --attacks), the attack
+robust_accuracy@<eps> (per-example worst case over --attacks and, unless
+--noper_example, the --per_example_attacks aimed at each query example;
+summed_robust_accuracy@<eps> is then the number of --attacks alone; with
+--attacks=autoattack also autoattack_<part>_robust_accuracy@<eps>, AutoAttack's
+robust accuracy after each of its parts), the attack
 settings are recorded under "attack", and (unless --noplot)
 <workdir>/robustness_<split>.png and <workdir>/adversarial_examples_<split>.png
 are written.
@@ -44,7 +50,8 @@ def _write_plots(run, splits, record, settings: AttackSettings, folder: pathlib.
   # The middle epsilon: the largest ones often give unreadable images.
   eps = sorted(settings.epsilons)[(len(settings.epsilons) - 1) // 2]
   cfgs = robust_eval.attack_sets(settings.names, (eps,), n_way=cfg.n_way, norm=settings.norm,
-                                 steps=settings.steps, restarts=settings.restarts)[0]
+                                 steps=settings.steps, restarts=settings.restarts,
+                                 square_queries=settings.square_queries)[0]
   # Episode 0 of the evaluation, with its metric key, as evaluate_episodes draws it.
   episode, metric_key = evaluation_episode(jax.numpy.asarray(splits[split].images),
                                            jax.random.key(record["seed"]), 0, cfg.n_way,
@@ -101,6 +108,14 @@ def _main(argv):
     rob = record["metrics"][robust_eval.metric_key(eps)]
     logging.info("  %s robust accuracy at %s epsilon %g: %.2f%% +- %.2f%%", settings.target,
                  settings.norm, eps, 100 * rob["mean"], 100 * rob["ci95"])
+    summed = record["metrics"].get(robust_eval.metric_key(eps, "summed_robust_accuracy"))
+    if summed is not None:
+      logging.info("    (summed-loss attacks alone: %.2f%% +- %.2f%%)", 100 * summed["mean"],
+                   100 * summed["ci95"])
+    for part in robust_eval.AUTOATTACK_PARTS:
+      after = record["metrics"].get(robust_eval.metric_key(eps, f"autoattack_{part}_robust_accuracy"))
+      if after is not None:
+        logging.info("    AutoAttack after %s: %.2f%%", part, 100 * after["mean"])
   logging.info("written to %s", output)
 
 

@@ -6,7 +6,9 @@
 #
 # Each objective trains in $RUNS/<objective>_5w1s (resuming if it exists), then is
 # evaluated on 600 test episodes, clean and under PGD-20 + margin + APGD (worst case
-# per example) at L-inf epsilon 0.025, 0.05 and 0.1. Logs, metrics, config, eval JSON
+# per example; with the default --per_example also those aimed at each query example,
+# summed_robust_accuracy@eps being the summed-loss attacks alone) at L-inf epsilon
+# 0.025, 0.05 and 0.1. Logs, metrics, config, eval JSON
 # and plots are copied to $OUT/omniglot_5w1s_vinyals_<objective>/.
 # TRAIN_FLAGS adds training flags; the README's table was trained before the
 # training attack's default became PGD's last iterate, so reproducing it (or

@@ -573,3 +573,115 @@ def test_last_iterate_refuses_what_needs_a_choice_of_points():
   with pytest.raises(ValueError, match="track_best=True"):
     A.worst_case([AttackConfig(track_best=False)], linear_logits, params, x, y,
                  jax.random.key(0))
+
+
+# ----------------------------------------------------------------------------
+# Attacks aimed at one example of a batch-coupled batch.
+
+
+def centred_logits(params, x):
+  """Binary model on one pixel u, centred over the batch: z = (0, u - mean(u) - t).
+  Example j is wrong iff u_j - mean(u) > t; the summed margin sum_j (u_j -
+  mean(u) - t) does not depend on u at all (its gradient is exactly 0 with 4
+  examples), while example i's alone rises with u_i and falls with the others."""
+  u = x.reshape(x.shape[0], -1)[:, 0]
+  h = u - jnp.mean(u)
+  return jnp.stack([jnp.zeros_like(h), h - params["t"]], -1)
+
+
+def test_per_example_breaks_what_the_summed_loss_cannot():
+  """Closed form: the batch strongest against example i puts u_i at 0.5 + eps
+  and the others at 0.5 - eps, so u_i - mean(u) = 1.5 eps > t = eps; the
+  summed-loss attacks (no random start, zero gradient) never move."""
+  n, eps = 4, 0.1
+  x, y = np.full((n, 1, 1, 1), 0.5, np.float32), np.zeros(n, np.int32)
+  params = {"t": np.float32(eps)}
+  common = dict(epsilon=eps, steps=10, random_start=False)
+  cfgs = [AttackConfig("pgd", loss="margin", **common), AttackConfig("apgd", loss="dlr", **common)]
+
+  @jit
+  def go(params, x, y, key):
+    return (A.worst_case(cfgs, centred_logits, params, x, y, key),
+            A.per_example(cfgs, centred_logits, params, x, y, key),
+            A.per_example(cfgs, centred_logits, params, x, y, key, chunk=3),
+            [A.per_example([c], centred_logits, params, x, y, key) for c in cfgs])
+
+  summed, aimed, chunked, singles = jax.device_get(go(params, x, y, jax.random.key(30)))
+  assert np.all(summed.correct)  # the clean batch is right and never moves
+  np.testing.assert_array_equal(summed.x_adv, x)
+  optimum = np.where(np.eye(n, dtype=bool), 0.5 + eps, 0.5 - eps)
+  for r in [aimed, *singles]:
+    assert not np.any(r.correct)
+    assert r.x_adv.shape == (n,) + x.shape
+    np.testing.assert_allclose(r.x_adv.reshape(n, n), optimum, atol=1e-6)
+  # Chunks of 3 over 4 aims (a remainder) give the same attacks.
+  np.testing.assert_array_equal(chunked.correct, aimed.correct)
+  np.testing.assert_array_equal(chunked.x_adv, aimed.x_adv)
+
+
+def test_per_example_equals_summed_without_coupling():
+  """A linear model does not couple its rows: the attack aimed at example i
+  moves row i exactly as the summed-loss attack does (same start, same
+  per-row step-size control) and leaves the other rows where they started."""
+  rng = _rng(31)
+  n = 12
+  params = {"w": _f32(rng.normal(size=(D, 3))), "b": _f32(0.1 * rng.normal(size=3))}
+  x = _f32(rng.uniform(0.2, 0.8, (n,) + HW))
+  y = np.argmax(_np_linear(params, x), -1).astype(np.int32)  # clean accuracy 1
+  common = dict(epsilon=0.03, steps=12, random_start=False)
+  cfgs = [AttackConfig("pgd", loss="margin", **common), AttackConfig("apgd", loss="dlr", **common),
+          AttackConfig("apgd", loss="ce", norm="l2", epsilon=0.1, steps=12, random_start=False)]
+  binary, xb, yb, v = _binary_linear(_rng(32), n, 0.4, 0.6)
+  rand = AttackConfig("pgd", loss="margin", epsilon=0.05, steps=10)
+
+  @jit
+  def go(params, x, y, binary, xb, yb, key):
+    return ([A.worst_case([c], linear_logits, params, x, y, key) for c in cfgs],
+            [A.per_example([c], linear_logits, params, x, y, key) for c in cfgs],
+            A.worst_case(cfgs, linear_logits, params, x, y, key),
+            A.per_example(cfgs, linear_logits, params, x, y, key),
+            A.per_example([rand], linear_logits, binary, xb, yb, key))
+
+  summed, aimed, summed_all, aimed_all, rand_aimed = jax.device_get(
+      go(params, x, y, binary, xb, yb, jax.random.key(33)))
+  idx = np.arange(n)
+  for s, a in [*zip(summed, aimed), (summed_all, aimed_all)]:
+    np.testing.assert_array_equal(a.correct, s.correct)
+    np.testing.assert_allclose(a.x_adv[idx, idx], s.x_adv, atol=1e-6)
+    off_diagonal = ~np.eye(n, dtype=bool)
+    np.testing.assert_array_equal(a.x_adv[off_diagonal], np.broadcast_to(x, (n,) + x.shape)[off_diagonal])
+  assert 0 < summed_all.correct.mean() < 1, summed_all.correct
+  # With random starts: row i of the batch aimed at i reaches the closed-form
+  # minimum margin of the binary linear model, x - eps * sign(w_y - w_j).
+  m = np.array([_true_margin(binary, rand_aimed.x_adv[i], yb)[i] for i in range(n)])
+  np.testing.assert_allclose(m, _true_margin(binary, xb, yb) - 0.05 * np.abs(v).sum(-1), atol=1e-4)
+
+
+def test_per_example_on_batch_coupled_mlp(trained_mlp):
+  """On the batch-norm MLP the aimed attacks stay in the ball and the box
+  (every row of every batch), never exceed clean accuracy, find at least as
+  many errors as the summed-loss attacks of the same budget, and count every
+  example their batch strongest against it misclassifies."""
+  params, x, y = trained_mlp
+  x, y = x[:24], y[:24]
+  eps = 0.03
+  cfgs = [AttackConfig("pgd", loss="margin", epsilon=eps, steps=8),
+          AttackConfig("apgd", loss="dlr", epsilon=eps, steps=8)]
+
+  @jit
+  def go(params, x, y, key):
+    summed = A.worst_case(cfgs, mlp_bn_logits, params, x, y, key)
+    aimed = A.per_example(cfgs, mlp_bn_logits, params, x, y, key, chunk=8)
+    own = jax.vmap(lambda xb, i: jnp.argmax(mlp_bn_logits(params, xb)[i]))(aimed.x_adv,
+                                                                          jnp.arange(24))
+    return summed, aimed, own, jnp.argmax(mlp_bn_logits(params, x), -1)
+
+  summed, aimed, own_pred, clean_pred = jax.device_get(go(params, x, y, jax.random.key(34)))
+  flat = aimed.x_adv.reshape(-1, *x.shape[1:])
+  n = np.asarray(A.perturbation_norm(flat - np.tile(x, (24, 1, 1, 1)), "linf"))
+  assert np.all(n <= eps + 1e-6) and flat.min() >= 0.0 and flat.max() <= 1.0
+  clean_ok = clean_pred == y
+  assert np.all(aimed.correct <= clean_ok) and np.all(summed.correct <= clean_ok)
+  assert 0 < summed.correct.mean() < clean_ok.mean()  # eps leaves something to find
+  assert aimed.correct.mean() <= summed.correct.mean(), (aimed.correct.mean(), summed.correct.mean())
+  assert np.all(aimed.correct <= (own_pred == y))

@@ -159,6 +159,88 @@ def test_support_poisoning_and_both_are_bounded_by_their_components(trained):
   assert results["both/" + q]["mean"] < clean
 
 
+def test_per_example_attacks_only_lower_robust_accuracy(trained):
+  """With aimed attacks: robust <= summed <= clean in every episode, for the
+  query and the both threat models; the summed number is exactly the one
+  written without them (same keys); at epsilon 1 both reach 0."""
+  epsilons = (0.05, 1.0)
+  make = functools.partial(robust_eval.make_metric_fn, ("pgd",), epsilons, n_way=N_WAY,
+                           inner_steps=EVAL_INNER, steps=3)
+  key, summed = robust_eval.metric_key, functools.partial(robust_eval.metric_key,
+                                                          prefix="summed_robust_accuracy")
+  fns = (("plain/", make()), ("aimed/", make(per_example=("apgd",), per_example_chunk=2)),
+         ("both/", make(target="both", per_example=("margin",))))
+  checks = tuple((f"{p}{key(e)}", f"{p}{summed(e)}") for p in ("aimed/", "both/") for e in epsilons)
+  checks += tuple((f"{p}{summed(e)}", f"{p}clean_accuracy") for p in ("aimed/", "both/")
+                  for e in epsilons)
+  results = evaluate(trained, functools.partial(with_checks, fns=fns, checks=checks),
+                     num_episodes=8)
+  assert_no_violations(results)
+  assert "plain/" + summed(0.05) not in results
+  for e in epsilons:
+    assert results["aimed/" + summed(e)] == results["plain/" + key(e)]
+  assert results["aimed/" + key(0.05)]["mean"] < results["aimed/" + summed(0.05)]["mean"]
+  for p in ("aimed/", "both/"):
+    assert results[p + key(1.0)]["mean"] == results[p + summed(1.0)]["mean"] == 0.0
+  with pytest.raises(ValueError, match="query"):
+    robust_eval.make_metric_fn(("pgd",), (0.1,), n_way=5, inner_steps=1, target="support",
+                               per_example=("margin",))
+
+
+def test_autoattack_metrics_fall_over_its_parts(trained):
+  """On the batch-norm MLP: AutoAttack's robust accuracy after each part never
+  rises, ends at robust_accuracy (no other attack listed), stays below clean,
+  and is 0 at epsilon 1."""
+  epsilons = (0.1, 1.0)
+  fn = robust_eval.make_metric_fn(("autoattack",), epsilons, n_way=N_WAY, inner_steps=EVAL_INNER,
+                                  steps=2, square_queries=10)
+  after = lambda part, e: robust_eval.metric_key(e, f"autoattack_{part}_robust_accuracy")
+  parts = robust_eval.AUTOATTACK_PARTS
+  checks = tuple((after(b, e), after(a, e)) for e in epsilons for a, b in zip(parts, parts[1:]))
+  checks += tuple((after(parts[0], e), "clean_accuracy") for e in epsilons)
+  results = evaluate(trained, functools.partial(with_checks, fns=(("", fn),), checks=checks),
+                     num_episodes=4)
+  assert_no_violations(results)
+  for e in epsilons:
+    assert results[after(parts[-1], e)] == results[robust_eval.metric_key(e)]
+  assert results[robust_eval.metric_key(1.0)]["mean"] == 0.0
+  assert results[robust_eval.metric_key(0.1)]["mean"] < results["clean_accuracy"]["mean"]
+  with pytest.raises(ValueError, match="query"):
+    robust_eval.make_metric_fn(("autoattack",), (0.1,), n_way=5, inner_steps=1, target="both")
+
+
+def test_attack_presets_and_flag_errors():
+  from absl import app, flags
+  from absl.testing import flagsaver
+  from experiments import attack_flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(epsilons="0.1"):
+    s = attack_flags.attack_settings_from_flags()
+    assert (s.names, s.steps, s.restarts, s.per_example) == (
+        ("pgd", "margin", "apgd"), 20, 1, ("margin", "apgd"))
+  with flagsaver.flagsaver(attack_preset="strong", epsilons="0.1", attack_steps=7):
+    s = attack_flags.attack_settings_from_flags()  # a given flag beats the preset
+    assert (s.names, s.steps, s.restarts) == (("pgd", "margin", "apgd"), 7, 5)
+  with flagsaver.flagsaver(attack_preset="autoattack", epsilons="0.1", square_queries=300):
+    s = attack_flags.attack_settings_from_flags()
+    assert (s.names, s.steps, s.restarts, s.square_queries) == (("autoattack",), 100, 1, 300)
+    record = attack_flags.attack_record(s, n_way=5)
+    assert record["configs"]["robust_accuracy@0.1"][0]["targets"] == 4  # N - 1 in 5-way
+  with flagsaver.flagsaver(attack_target="support", epsilons="0.1"):
+    assert attack_flags.attack_settings_from_flags().per_example == ()  # nothing to aim at
+  bad = [dict(attack_preset="huge"), dict(attacks="autoattack", norm="l1"),
+         dict(attacks="autoattack", attack_target="both"), dict(square_queries=0),
+         dict(per_example_chunk=-1), dict(per_example_attacks="cw"),
+         dict(per_example_attacks="margin,autoattack"),
+         dict(per_example=True, attack_target="support")]
+  for overrides in bad:
+    with flagsaver.flagsaver(epsilons="0.1", **overrides):
+      with pytest.raises(app.UsageError) as err:
+        attack_flags.attack_settings_from_flags()
+      assert any(f"--{k}" in str(err.value) for k in overrides), (overrides, str(err.value))
+
+
 def test_deterministic_and_independent_of_batching(trained):
   make = functools.partial(robust_eval.make_metric_fn, ("pgd",), (0.1,), n_way=N_WAY,
                            inner_steps=EVAL_INNER, steps=3)
@@ -227,7 +309,7 @@ def test_evaluate_entry_point_with_attacks(fake_omniglot_dir, tmp_path):
              f"--data_dir={fake_omniglot_dir}", "--num_steps=2", env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   out = _run("experiments.evaluate", f"--workdir={work}", "--episodes=4", "--epsilons=0.05,1.0",
-             "--attacks=pgd,apgd", "--attack_steps=5", env=env)
+             "--attacks=pgd,apgd", "--attack_steps=5", "--per_example_attacks=margin", env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   record = json.loads((work / "eval_test.json").read_text())
   m = record["metrics"]
@@ -235,7 +317,13 @@ def test_evaluate_entry_point_with_attacks(fake_omniglot_dir, tmp_path):
                                               "robust_accuracy@1.0"))
   assert m["clean_accuracy"]["n"] == 4 and set(m["clean_accuracy"]) == {"mean", "ci95", "std", "n"}
   assert 0.0 <= full <= low <= clean <= 1.0 and full == 0.0
+  # Aimed attacks are on by default (here one, to keep the compile short); the
+  # summed-loss number is written beside.
+  summed_low = m["summed_robust_accuracy@0.05"]["mean"]
+  assert low <= summed_low <= clean and m["summed_robust_accuracy@1.0"]["mean"] == 0.0
   attack = record["attack"]
+  assert attack["per_example"] == ["margin"]
+  assert [c["loss"] for c in attack["per_example_configs"]["robust_accuracy@0.05"]] == ["margin"]
   assert attack["attacks"] == ["pgd", "apgd"] and attack["epsilons"] == [0.05, 1.0]
   assert attack["norm"] == "linf" and attack["steps"] == 5 and attack["target"] == "query"
   assert [c["name"] for c in attack["configs"]["robust_accuracy@1.0"]] == ["pgd", "apgd"]
@@ -244,7 +332,8 @@ def test_evaluate_entry_point_with_attacks(fake_omniglot_dir, tmp_path):
     _assert_png(work / name)
 
   # Bad values are refused before anything is loaded, naming the flag.
-  for flag in ("--epsilons=0.1,-1", "--attack_target=weights", "--attacks=pgd,cw"):
+  for flag in ("--epsilons=0.1,-1", "--attack_target=weights", "--attacks=pgd,cw",
+               "--per_example_attacks=cw", "--per_example_chunk=-1"):
     out = _run("experiments.evaluate", f"--workdir={work}", flag, env=env)
     assert out.returncode != 0 and flag.split("=")[0] in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
