@@ -89,8 +89,10 @@ def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_
   validate_against_data(cfg, {split: splits[split].images})
   num_episodes = cfg.test_episodes if num_episodes is None else num_episodes
   inner_steps = cfg.eval_inner_steps if inner_steps is None else inner_steps
+  # The same network with its kernels sized for this layout's share of the cores per device.
+  learner = build_experiment(cfg, image_shape_for(cfg), sharding.device_count(mesh)).learner
   results = evaluate_episodes(
-      run.exp.learner, run.meta_params, splits[split].images, jax.random.key(seed),
+      learner, run.meta_params, splits[split].images, jax.random.key(seed),
       num_episodes=num_episodes, n_way=cfg.n_way, k_shot=cfg.k_shot, q_query=cfg.eval_q_query,
       inner_steps=inner_steps, batch_tasks=cfg.eval_batch_tasks, metric_fn=metric_fn, mesh=mesh)
   return {"checkpoint": run.source, "step": run.step, "split": split, "protocol": cfg.split,

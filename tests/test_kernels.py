@@ -1,0 +1,171 @@
+"""Kernel sets and batch-norm rules on the whole Conv4: every JAX transformation on the
+reference kernels, the CPU kernels against them to second order, support-set statistics."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from advmaml.kernels import ChunkBudget, CpuKernels
+from advmaml.maml import Learner, cross_entropy
+from advmaml.models import make_model
+
+N_WAY, SIZE = 3, 16
+VARIANTS = ("strided", "maxpool")
+BATCH_NORMS = ("batch", "support")
+
+
+def tiny_images(key, count):
+  """(count, 16, 16, 1) images and class-major labels of a 3-way task."""
+  return (jax.random.uniform(key, (count, SIZE, SIZE, 1)),
+          jnp.repeat(jnp.arange(N_WAY), count // N_WAY))
+
+
+def query_loss(model, batch_norm, params, support_x, query_x, query_y):
+  """Cross-entropy of params on the queries: normalised by their own batch, or by the support's."""
+  if batch_norm == "support":
+    params = model.freeze_batch_stats(params, support_x)
+  return cross_entropy(model.apply(params, query_x), query_y)[0]
+
+
+@pytest.fixture
+def x64():
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.parametrize("batch_norm", BATCH_NORMS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_transformation_of_the_reference_kernels(x64, variant, batch_norm):
+  """grad, grad of grad, jvp, jacfwd, hessian, linearize and forward-over-reverse HVPs of
+  the loss along three parameter directions, and vmap of each over points, agree with
+  finite differences and with one another (float64)."""
+  model = make_model(N_WAY, (SIZE, SIZE, 1), filters=3, variant=variant, kernels="reference")
+  to64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
+  params = to64(model.init(jax.random.key(0)))
+  sx, _ = tiny_images(jax.random.key(1), 3)
+  qx, qy = tiny_images(jax.random.key(2), 6)
+  sx, qx = to64(sx), to64(qx)
+  flat, unravel = ravel_pytree(params)
+  directions = jax.random.normal(jax.random.key(3), (3, flat.size), jnp.float64) * 0.1
+  g = lambda t: query_loss(model, batch_norm, unravel(flat + t @ directions), sx, qx, qy)
+  v = jnp.array([0.3, -1.0, 0.7])
+  transforms = {
+      "grad": jax.grad(g),
+      "jacfwd": jax.jacfwd(g),
+      "jvp": lambda t: jax.jvp(g, (t,), (v,))[1],
+      "linearize": lambda t: jax.linearize(g, t)[1](v),
+      "hessian": jax.hessian(g),
+      "grad_of_grad": jax.jacrev(jax.grad(g)),
+      "hvp_forward_over_reverse": lambda t: jax.jvp(jax.grad(g), (t,), (v,))[1],
+      "hvp_reverse_over_reverse": jax.grad(lambda t: jax.grad(g)(t) @ v),
+  }
+  eps = 1e-5
+  t0, t1 = jnp.zeros(3), jnp.array([0.5, -0.2, 0.1])
+  steps = eps * jnp.eye(3)
+  # The vmapped transforms run at t0, t1 and t0 +- eps e_i (their grads: the Hessian's differences).
+  points = jnp.concatenate([jnp.stack([t0, t1]), t0 + steps, t0 - steps])
+
+  @jax.jit
+  def run():
+    single = {name: f(t0) for name, f in transforms.items()}
+    batched = {name: jax.vmap(f)(points) for name, f in transforms.items()}
+    # Central differences of g at t0 and t1 along each e_i.
+    shifted = jnp.concatenate([t + s for t in (t0, t1) for s in (steps, -steps)])
+    values = jax.vmap(g)(shifted).reshape(2, 2, 3)
+    return single, batched, (values[:, 0] - values[:, 1]) / (2 * eps)
+
+  single, batched, fd_grad = jax.device_get(run())
+  tol = dict(rtol=1e-6, atol=1e-9)
+  for name in transforms:  # vmap of each: the batch's first point is the unbatched value
+    np.testing.assert_allclose(batched[name][0], single[name], **tol, err_msg=name)
+  for at, point in ((0, "t0"), (1, "t1")):
+    grad = batched["grad"][at]
+    hess = batched["hessian"][at]
+    np.testing.assert_allclose(grad, fd_grad[at], rtol=1e-5, atol=1e-8, err_msg=point)
+    np.testing.assert_allclose(batched["jacfwd"][at], grad, **tol)
+    for name in ("jvp", "linearize"):
+      np.testing.assert_allclose(batched[name][at], grad @ v, **tol, err_msg=name)
+    np.testing.assert_allclose(batched["grad_of_grad"][at], hess, **tol)
+    np.testing.assert_allclose(hess, hess.T, **tol)
+    for name in ("hvp_forward_over_reverse", "hvp_reverse_over_reverse"):
+      np.testing.assert_allclose(batched[name][at], hess @ v, **tol, err_msg=name)
+  fd_hessian = (batched["grad"][2:5] - batched["grad"][5:8]) / (2 * eps)  # row i: d grad / d t_i
+  np.testing.assert_allclose(single["hessian"], fd_hessian, rtol=1e-4, atol=1e-7)
+  assert np.abs(single["hessian"]).max() > 1e-3  # curvature there to be checked
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_mode_through_the_images_on_the_reference_kernels(variant):
+  """jax.jvp of the logits in the images (which the CPU kernels' custom VJPs refuse)
+  agrees with reverse mode: <u, J v> = <J^T u, v>."""
+  model = make_model(N_WAY, (SIZE, SIZE, 1), filters=3, variant=variant, kernels="reference")
+  params = model.init(jax.random.key(0))
+  x, _ = tiny_images(jax.random.key(1), 6)
+  v = jax.random.normal(jax.random.key(2), x.shape)
+  u = jax.random.normal(jax.random.key(3), (6, N_WAY))
+  f = lambda x: model.apply(params, x)
+  jv = jax.jvp(f, (x,), (v,))[1]
+  jtu = jax.vjp(f, x)[1](u)[0]
+  np.testing.assert_allclose(jnp.vdot(u, jv), jnp.vdot(jtu, v), rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch_norm", BATCH_NORMS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cpu_kernels_match_reference_to_second_order(variant, batch_norm):
+  """Logits, and the meta-gradient of two vmapped tasks through two inner SGD steps (the
+  gradient of an inner step's gradient), with every CPU im2col layer over chunks of 2-3 of
+  its 6 images (a tiny budget forces them), equal the reference kernels' to float32 rounding."""
+  tasks_x = jax.random.uniform(jax.random.key(0), (2, 12, SIZE, SIZE, 1))  # 6 support, 6 query
+  y = jnp.repeat(jnp.arange(N_WAY), 2)
+  # 12 filters: conv0 takes the narrow-patches path (9 columns), conv1-3 the plain one.
+  forced = CpuKernels("im2col", ChunkBudget(0, 2 * 8 * 8 * 9 * 12 * 4, strides=(1, 2)))
+  outputs = []
+  for kernels in (forced, "reference"):
+    model = make_model(N_WAY, (SIZE, SIZE, 1), filters=12, variant=variant, kernels=kernels)
+    learner = Learner(model.apply, inner_steps=2, inner_lr=0.4,
+                      freeze_stats=model.freeze_batch_stats if batch_norm == "support" else None)
+    meta = learner.init_meta_params(model.init(jax.random.key(1)))
+
+    def meta_loss(m, learner=learner):  # -> (mean query loss, query logits (2, 6, N))
+      def task(x):
+        logits = learner.apply_fn(learner.adapt(m, x[:6], y), x[6:])
+        return cross_entropy(logits, y[::-1])[0], logits
+      losses, logits = jax.vmap(task)(tasks_x)
+      return losses.mean(), logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(meta_loss, has_aux=True))(meta)
+    outputs.append(jax.device_get((logits, grads)))
+  chunked = jax.make_jaxpr(lambda x, w: forced.conv(x, w, 1))(jnp.ones((6, 8, 8, 12)),
+                                                             jnp.ones((3, 3, 12, 12)))
+  assert "scan" in str(chunked)
+  np.testing.assert_allclose(outputs[0][0], outputs[1][0], rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(outputs[0][1], outputs[1][1], rtol=2e-3, atol=2e-5)
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "reference"])
+def test_support_statistics_make_each_query_independent_of_the_others(kernels):
+  """batch_norm="support": perturbing one query leaves the others' logits as they were;
+  with each batch's own statistics (MAML's rule) it moves them."""
+  model = make_model(N_WAY, (SIZE, SIZE, 1), filters=4, variant="maxpool", kernels=kernels)
+  sx, sy = tiny_images(jax.random.key(1), 3)
+  qx, _ = tiny_images(jax.random.key(2), 6)
+  perturbed = qx.at[0].add(0.5 * jax.random.normal(jax.random.key(3), qx.shape[1:]))
+  moved = {}
+  for batch_norm in BATCH_NORMS:
+    learner = Learner(model.apply, inner_steps=1, inner_lr=0.4,
+                      freeze_stats=model.freeze_batch_stats if batch_norm == "support" else None)
+    meta = learner.init_meta_params(model.init(jax.random.key(0)))
+    fast = learner.adapt(meta, sx, sy)
+    logits = jax.jit(lambda f, x: learner.apply_fn(f, x))
+    moved[batch_norm] = float(jnp.abs(logits(fast, qx)[1:] - logits(fast, perturbed)[1:]).max())
+    if batch_norm == "support":  # and the support set normalised by its own statistics, as before
+      np.testing.assert_allclose(learner.apply_fn(fast, sx), learner.apply_fn(
+          {k: {n: a for n, a in p.items() if n not in ("mean", "var")} for k, p in fast.items()}, sx),
+          rtol=1e-4, atol=1e-5)
+  assert moved["support"] < 1e-6 and moved["batch"] > 1e-3, moved
