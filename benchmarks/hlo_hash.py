@@ -8,6 +8,9 @@ jitted step (``fn.lower(...).compile().as_text()``) with the ``metadata={...}``
 attributes (source lines, op names) and the tables of source files and stack
 frames they point into removed, so that only the program counts.
 Equal hashes before and after a change: the same program runs, so its speed stands.
+``hlo_sha256_renamed`` hashes the text with every instruction and computation name
+renamed in order of first appearance: equal when two programs are the same up to
+XLA's numbering of names (which shifts when, e.g., a custom VJP becomes a custom JVP).
 """
 
 import argparse
@@ -31,6 +34,16 @@ def program_text(fn, args) -> str:
   return _STACK_TABLES.sub("", _METADATA.sub("", fn.lower(*args).compile().as_text()))
 
 
+_NAME = re.compile(r"%?[A-Za-z_][\w\-]*\.\d+(?:\.\d+)*")
+
+
+def renamed(text: str) -> str:
+  """text with each numbered name (%fusion.12, fused_computation.3, ...) replaced by
+  its order of first appearance: the same program with other numbering reads the same."""
+  names = {}
+  return _NAME.sub(lambda m: names.setdefault(m.group(0), f"%n{len(names)}"), text)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("workloads", nargs="+", help="names of advmaml.benchmark.WORKLOADS")
@@ -48,8 +61,10 @@ def main():
     text = program_text(fn, fn_args)
     if args.dump_dir:
       pathlib.Path(args.dump_dir, f"{work.name}-{args.num_devices}dev.hlo").write_text(text)
+    sha = lambda t: hashlib.sha256(t.encode()).hexdigest()
     print(json.dumps({"workload": work.name, "num_devices": args.num_devices,
-                      "hlo_sha256": hashlib.sha256(text.encode()).hexdigest()}), flush=True)
+                      "hlo_sha256": sha(text), "hlo_sha256_renamed": sha(renamed(text))}),
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from advmaml import robust_eval
+from advmaml.config import preset
+from advmaml.evaluation import evaluate_episodes
 from advmaml.kernels import ChunkBudget, CpuKernels
 from advmaml.maml import Learner, cross_entropy
 from advmaml.models import make_model
+from advmaml.training import build_experiment
 
 N_WAY, SIZE = 3, 16
 VARIANTS = ("strided", "maxpool")
@@ -169,3 +173,20 @@ def test_support_statistics_make_each_query_independent_of_the_others(kernels):
           {k: {n: a for n, a in p.items() if n not in ("mean", "var")} for k, p in fast.items()}, sx),
           rtol=1e-4, atol=1e-5)
   assert moved["support"] < 1e-6 and moved["batch"] > 1e-3, moved
+
+
+def test_support_statistics_in_evaluation_under_attack():
+  """--batch_norm=support through build_experiment: clean and PGD evaluation run on the
+  adapted model with the support's statistics, and the attack lowers the accuracy."""
+  cfg = preset("tiny", image_size=SIZE, filters=4, batch_norm="support")
+  exp = build_experiment(cfg, (SIZE, SIZE, 1))
+  assert exp.learner.freeze_stats is not None
+  meta = exp.learner.init_meta_params(exp.model.init(jax.random.key(0)))
+  rng = np.random.default_rng(0)
+  patterns = rng.integers(0, 256, (6, 1, SIZE, SIZE))
+  pool = np.clip(patterns + rng.integers(-20, 20, (6, 8, SIZE, SIZE)), 0, 255).astype(np.uint8)
+  metric = robust_eval.make_metric_fn(["pgd"], [0.3], n_way=3, inner_steps=5, steps=5)
+  out = evaluate_episodes(exp.learner, meta, pool, jax.random.key(1), num_episodes=4, n_way=3,
+                          k_shot=1, q_query=2, inner_steps=5, batch_tasks=4, metric_fn=metric)
+  clean, robust = out["clean_accuracy"]["mean"], out["robust_accuracy@0.3"]["mean"]
+  assert clean > 0.5 and robust < clean, out
