@@ -1,7 +1,8 @@
 r"""Hashes of the compiled programs of benchmark workloads, to show a change left them alone.
 
   python benchmarks/hlo_hash.py B1 B2 B1-strided B2-strided
-  XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/hlo_hash.py --num_devices=2 B1 B2
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+    python benchmarks/hlo_hash.py --num_devices=2 B1 B2
 
 Prints one JSON line per workload: the SHA-256 of the optimised HLO text of its
 jitted step (``fn.lower(...).compile().as_text()``) with the ``metadata={...}``

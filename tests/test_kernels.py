@@ -29,11 +29,11 @@ def tiny_images(key, count):
           jnp.repeat(jnp.arange(N_WAY), count // N_WAY))
 
 
-def query_loss(model, batch_norm, params, support_x, query_x, query_y):
-  """Cross-entropy of params on the queries: normalised by their own batch, or by the support's."""
+def query_logits(model, batch_norm, params, support_x, query_x):
+  """(Q, N) logits of the queries, normalised by their own batch or by the support set's."""
   if batch_norm == "support":
     params = model.freeze_batch_stats(params, support_x)
-  return cross_entropy(model.apply(params, query_x), query_y)[0]
+  return model.apply(params, query_x)
 
 
 @pytest.fixture
@@ -46,9 +46,9 @@ def x64():
 @pytest.mark.parametrize("batch_norm", BATCH_NORMS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_transformation_of_the_reference_kernels(x64, variant, batch_norm):
-  """grad, grad of grad, jvp, jacfwd, hessian, linearize and forward-over-reverse HVPs of
-  the loss along three parameter directions, and vmap of each over points, agree with
-  finite differences and with one another (float64)."""
+  """grad, grad of grad, jvp, jacfwd, hessian, linearize and the forward-over-reverse HVP
+  of the loss along three parameter directions, and vmap of each over points, agree with
+  finite differences and with one another (float64); so does forward mode in the images."""
   model = make_model(N_WAY, (SIZE, SIZE, 1), filters=3, variant=variant, kernels="reference")
   to64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
   params = to64(model.init(jax.random.key(0)))
@@ -57,7 +57,8 @@ def test_every_transformation_of_the_reference_kernels(x64, variant, batch_norm)
   sx, qx = to64(sx), to64(qx)
   flat, unravel = ravel_pytree(params)
   directions = jax.random.normal(jax.random.key(3), (3, flat.size), jnp.float64) * 0.1
-  g = lambda t: query_loss(model, batch_norm, unravel(flat + t @ directions), sx, qx, qy)
+  logits = lambda p, qx: query_logits(model, batch_norm, p, sx, qx)
+  g = lambda t: cross_entropy(logits(unravel(flat + t @ directions), qx), qy)[0]
   v = jnp.array([0.3, -1.0, 0.7])
   transforms = {
       "grad": jax.grad(g),
@@ -67,7 +68,6 @@ def test_every_transformation_of_the_reference_kernels(x64, variant, batch_norm)
       "hessian": jax.hessian(g),
       "grad_of_grad": jax.jacrev(jax.grad(g)),
       "hvp_forward_over_reverse": lambda t: jax.jvp(jax.grad(g), (t,), (v,))[1],
-      "hvp_reverse_over_reverse": jax.grad(lambda t: jax.grad(g)(t) @ v),
   }
   eps = 1e-5
   t0, t1 = jnp.zeros(3), jnp.array([0.5, -0.2, 0.1])
@@ -82,9 +82,15 @@ def test_every_transformation_of_the_reference_kernels(x64, variant, batch_norm)
     # Central differences of g at t0 and t1 along each e_i.
     shifted = jnp.concatenate([t + s for t in (t0, t1) for s in (steps, -steps)])
     values = jax.vmap(g)(shifted).reshape(2, 2, 3)
-    return single, batched, (values[:, 0] - values[:, 1]) / (2 * eps)
+    # Forward mode in the images against reverse mode: <u, J w> and <J^T u, w>.
+    f = lambda x: logits(params, x)
+    w = jax.random.normal(jax.random.key(4), qx.shape)
+    u = jax.random.normal(jax.random.key(5), (6, N_WAY))
+    images = (jnp.vdot(u, jax.jvp(f, (qx,), (w,))[1]), jnp.vdot(jax.vjp(f, qx)[1](u)[0], w))
+    return single, batched, (values[:, 0] - values[:, 1]) / (2 * eps), images
 
-  single, batched, fd_grad = jax.device_get(run())
+  single, batched, fd_grad, images = jax.device_get(run())
+  np.testing.assert_allclose(*images, rtol=1e-9)
   tol = dict(rtol=1e-6, atol=1e-9)
   for name in transforms:  # vmap of each: the batch's first point is the unbatched value
     np.testing.assert_allclose(batched[name][0], single[name], **tol, err_msg=name)
@@ -97,59 +103,47 @@ def test_every_transformation_of_the_reference_kernels(x64, variant, batch_norm)
       np.testing.assert_allclose(batched[name][at], grad @ v, **tol, err_msg=name)
     np.testing.assert_allclose(batched["grad_of_grad"][at], hess, **tol)
     np.testing.assert_allclose(hess, hess.T, **tol)
-    for name in ("hvp_forward_over_reverse", "hvp_reverse_over_reverse"):
-      np.testing.assert_allclose(batched[name][at], hess @ v, **tol, err_msg=name)
+    np.testing.assert_allclose(batched["hvp_forward_over_reverse"][at], hess @ v, **tol)
   fd_hessian = (batched["grad"][2:5] - batched["grad"][5:8]) / (2 * eps)  # row i: d grad / d t_i
   np.testing.assert_allclose(single["hessian"], fd_hessian, rtol=1e-4, atol=1e-7)
   assert np.abs(single["hessian"]).max() > 1e-3  # curvature there to be checked
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_forward_mode_through_the_images_on_the_reference_kernels(variant):
-  """jax.jvp of the logits in the images (which the CPU kernels' custom VJPs refuse)
-  agrees with reverse mode: <u, J v> = <J^T u, v>."""
-  model = make_model(N_WAY, (SIZE, SIZE, 1), filters=3, variant=variant, kernels="reference")
-  params = model.init(jax.random.key(0))
-  x, _ = tiny_images(jax.random.key(1), 6)
-  v = jax.random.normal(jax.random.key(2), x.shape)
-  u = jax.random.normal(jax.random.key(3), (6, N_WAY))
-  f = lambda x: model.apply(params, x)
-  jv = jax.jvp(f, (x,), (v,))[1]
-  jtu = jax.vjp(f, x)[1](u)[0]
-  np.testing.assert_allclose(jnp.vdot(u, jv), jnp.vdot(jtu, v), rtol=1e-4)
-
-
-@pytest.mark.parametrize("batch_norm", BATCH_NORMS)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_cpu_kernels_match_reference_to_second_order(variant, batch_norm):
+def test_cpu_kernels_match_reference_to_second_order(variant):
   """Logits, and the meta-gradient of two vmapped tasks through two inner SGD steps (the
-  gradient of an inner step's gradient), with every CPU im2col layer over chunks of 2-3 of
-  its 6 images (a tiny budget forces them), equal the reference kernels' to float32 rounding."""
+  gradient of an inner step's gradient), in both batch-norm modes, with every CPU im2col
+  layer over chunks of 2-3 of its 6 images (a tiny budget forces them), equal the
+  reference kernels' to float32 rounding."""
   tasks_x = jax.random.uniform(jax.random.key(0), (2, 12, SIZE, SIZE, 1))  # 6 support, 6 query
   y = jnp.repeat(jnp.arange(N_WAY), 2)
   # 12 filters: conv0 takes the narrow-patches path (9 columns), conv1-3 the plain one.
   forced = CpuKernels("im2col", ChunkBudget(0, 2 * 8 * 8 * 9 * 12 * 4, strides=(1, 2)))
+  chunked = jax.make_jaxpr(lambda x, w: forced.conv(x, w, 1))(jnp.ones((6, 8, 8, 12)),
+                                                             jnp.ones((3, 3, 12, 12)))
+  assert "scan" in str(chunked)
   outputs = []
   for kernels in (forced, "reference"):
     model = make_model(N_WAY, (SIZE, SIZE, 1), filters=12, variant=variant, kernels=kernels)
-    learner = Learner(model.apply, inner_steps=2, inner_lr=0.4,
-                      freeze_stats=model.freeze_batch_stats if batch_norm == "support" else None)
-    meta = learner.init_meta_params(model.init(jax.random.key(1)))
+    learners = [Learner(model.apply, inner_steps=2, inner_lr=0.4,
+                        freeze_stats=model.freeze_batch_stats if bn == "support" else None)
+                for bn in BATCH_NORMS]
+    if not outputs:  # the same initial parameters for both kernel sets
+      meta = learners[0].init_meta_params(model.init(jax.random.key(1)))
 
-    def meta_loss(m, learner=learner):  # -> (mean query loss, query logits (2, 6, N))
+    def meta_loss(m, learner):  # -> (mean query loss, query logits (2, 6, N))
       def task(x):
         logits = learner.apply_fn(learner.adapt(m, x[:6], y), x[6:])
         return cross_entropy(logits, y[::-1])[0], logits
       losses, logits = jax.vmap(task)(tasks_x)
       return losses.mean(), logits
 
-    (_, logits), grads = jax.jit(jax.value_and_grad(meta_loss, has_aux=True))(meta)
-    outputs.append(jax.device_get((logits, grads)))
-  chunked = jax.make_jaxpr(lambda x, w: forced.conv(x, w, 1))(jnp.ones((6, 8, 8, 12)),
-                                                             jnp.ones((3, 3, 12, 12)))
-  assert "scan" in str(chunked)
-  np.testing.assert_allclose(outputs[0][0], outputs[1][0], rtol=1e-4, atol=1e-5)
-  chex.assert_trees_all_close(outputs[0][1], outputs[1][1], rtol=2e-3, atol=2e-5)
+    both = lambda m, learners=learners: [jax.value_and_grad(meta_loss, has_aux=True)(m, learner)
+                                         for learner in learners]
+    outputs.append(jax.device_get(jax.jit(both)(meta)))
+  for bn, ((_, cpu_logits), cpu_grads), ((_, ref_logits), ref_grads) in zip(BATCH_NORMS, *outputs):
+    np.testing.assert_allclose(cpu_logits, ref_logits, rtol=1e-4, atol=1e-5, err_msg=bn)
+    chex.assert_trees_all_close(cpu_grads, ref_grads, rtol=2e-3, atol=2e-5)
 
 
 @pytest.mark.parametrize("kernels", ["cpu", "reference"])
@@ -165,13 +159,12 @@ def test_support_statistics_make_each_query_independent_of_the_others(kernels):
     learner = Learner(model.apply, inner_steps=1, inner_lr=0.4,
                       freeze_stats=model.freeze_batch_stats if batch_norm == "support" else None)
     meta = learner.init_meta_params(model.init(jax.random.key(0)))
-    fast = learner.adapt(meta, sx, sy)
-    logits = jax.jit(lambda f, x: learner.apply_fn(f, x))
+    fast = jax.jit(learner.adapt)(meta, sx, sy)
+    logits = jax.jit(learner.apply_fn)
     moved[batch_norm] = float(jnp.abs(logits(fast, qx)[1:] - logits(fast, perturbed)[1:]).max())
     if batch_norm == "support":  # and the support set normalised by its own statistics, as before
-      np.testing.assert_allclose(learner.apply_fn(fast, sx), learner.apply_fn(
-          {k: {n: a for n, a in p.items() if n not in ("mean", "var")} for k, p in fast.items()}, sx),
-          rtol=1e-4, atol=1e-5)
+      unfrozen = {k: {n: a for n, a in p.items() if n not in ("mean", "var")} for k, p in fast.items()}
+      np.testing.assert_allclose(logits(fast, sx), logits(unfrozen, sx), rtol=1e-4, atol=1e-5)
   assert moved["support"] < 1e-6 and moved["batch"] > 1e-3, moved
 
 

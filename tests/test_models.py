@@ -161,8 +161,8 @@ def test_max_pool_matches_reduce_window(size):
 
 
 def test_max_pool_ties_share_the_gradient_as_a_max_reduction_does_to_second_order():
-  """Constant image regions tie exactly; the custom backward splits evenly, as the
-  derivative of a max reduction does."""
+  """Constant image regions tie exactly; the custom JVP splits evenly, as the
+  derivative of a max reduction does, in forward and reverse mode."""
   reduction = reference.max_pool_2x2  # a max reduction over each window
   x = jax.random.normal(jax.random.key(0), (2, 8, 6, 3))
   x = jnp.where(jnp.abs(x) < 0.6, 0.25, x)  # about half the entries equal: 2-, 3- and 4-way ties
@@ -176,6 +176,9 @@ def test_max_pool_ties_share_the_gradient_as_a_max_reduction_does_to_second_orde
     return lambda x: jax.grad(loss, argnums=(0, 1))(x, jnp.linspace(0.5, 1.5, 3))
 
   np.testing.assert_array_equal(max_pool_2x2(x), reduction(x))
+  tangent = jax.random.normal(jax.random.key(2), x.shape)  # a custom JVP: forward mode works
+  np.testing.assert_allclose(jax.jvp(max_pool_2x2, (x,), (tangent,))[1],
+                             jax.jvp(reduction, (x,), (tangent,))[1], rtol=1e-6, atol=1e-7)
   got = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) * weight))(x)
   np.testing.assert_array_equal(got, jax.grad(lambda x: jnp.sum(reduction(x) * weight))(x))
   assert float(jnp.abs(got[:, :2, :2, :] - weight[:, :1, :1, :] / 4).max()) < 1e-7

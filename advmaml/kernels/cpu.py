@@ -1,4 +1,4 @@
-"""The CPU kernels: im2col convolution in image chunks, closed-form batch norm and max-pool backward.
+"""The CPU kernels: im2col convolution in image chunks, batch norm and max-pool derivatives by hand.
 
 Numerically the reference kernels (``advmaml.kernels.reference``) to float32
 rounding, written for XLA's CPU backend:
@@ -12,12 +12,14 @@ rounding, written for XLA's CPU backend:
   ``"winograd"``: one matmul per kernel tap, and Winograd F(2x2, 3x3); both
   measured slower than im2col on CPU and kept to reproduce
   ``docs/benchmark_notes.md`` (sections 5, 7 and 10). ``"xla"``: ``lax.conv``.
-* batch norm and max-pool with hand-written backward passes that save passes
-  over the activations.
+* batch norm and max-pool with hand-written derivatives that save passes over
+  the activations.
 
-They are ``custom_vjp``: reverse mode to any order (MAML's second order), but no
-forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``); the reference
-kernels have every transformation.
+The im2col matmuls and batch norm are ``custom_vjp``: reverse mode to any order
+(MAML's second order), but no forward mode (``jax.jvp``, ``jax.jacfwd``,
+``jax.hessian``). The max-pool is a ``custom_jvp`` (both modes; its transpose
+compiled to the same training step). The reference kernels have every
+transformation.
 """
 
 from __future__ import annotations
@@ -298,7 +300,7 @@ def conv2d_winograd(x: jax.Array, kernel: jax.Array, stride: int,
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max-pool, stride 2, 'VALID' (odd sizes are floored). (B, H, W, C) -> (B, H//2, W//2, C).
 
-  The maximum of the four strided slices, elementwise, with the backward pass
+  The maximum of the four strided slices, elementwise, with the derivative
   of ``_max_pool_2x2_even``: XLA fuses both into the ops around them, where a
   max reduction and its derivative are separate passes over the activations.
   """
@@ -311,32 +313,30 @@ def _window_corners(x: jax.Array) -> tuple[jax.Array, ...]:
   return tuple(x[:, i::2, j::2, :] for i in (0, 1) for j in (0, 1))
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _max_pool_2x2_even(x: jax.Array) -> jax.Array:
-  """``max_pool_2x2`` for even H and W; gradients equal those of a max reduction.
+  """``max_pool_2x2`` for even H and W; derivatives equal those of a max reduction.
 
-  Tied maxima share the gradient evenly, as differentiating ``jnp.max`` over
-  the window does (constant image regions tie exactly).
+  Tied maxima share the tangent (and so the gradient) evenly, as differentiating
+  ``jnp.max`` over the window does (constant image regions tie exactly). A
+  custom JVP, so forward mode works too; JAX's transpose of it, the backward
+  pass, compiles to the same program as the custom VJP it replaced
+  (docs/benchmark_notes.md, section 19).
   """
   a, b, c, d = _window_corners(x)
   return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
 
 
-def _max_pool_2x2_even_fwd(x):
+@_max_pool_2x2_even.defjvp
+def _max_pool_2x2_even_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
   y = _max_pool_2x2_even(x)
-  return y, (x, y)
-
-
-def _max_pool_2x2_even_bwd(residuals, g):
-  x, y = residuals
   bsz, h, w, c = x.shape
   # The count of tied maxima, elementwise from the corners (a reduction is another pass).
-  share = g / sum((corner == y).astype(g.dtype) for corner in _window_corners(x))
+  ties = sum((corner == y).astype(x.dtype) for corner in _window_corners(x))
   at_max = x.reshape(bsz, h // 2, 2, w // 2, 2, c) == y[:, :, None, :, None, :]
-  return (jnp.where(at_max, share[:, :, None, :, None, :], 0).reshape(x.shape),)
-
-
-_max_pool_2x2_even.defvjp(_max_pool_2x2_even_fwd, _max_pool_2x2_even_bwd)
+  picked = jnp.where(at_max, t.reshape(at_max.shape), 0).sum(axis=(2, 4))
+  return y, picked / ties
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
