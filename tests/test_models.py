@@ -11,7 +11,8 @@ from jax import lax
 
 from advmaml import host
 from advmaml.flops import count_flops
-from advmaml.kernels import ChunkBudget, cpu, make_kernels, reference, resolve
+from advmaml.kernels import (ChunkBudget, CpuKernels, ReferenceKernels, cpu, make_kernels,
+                             reference, resolve)
 from advmaml.kernels.cpu import conv2d_im2col, conv2d_taps, conv2d_winograd, max_pool_2x2
 from advmaml.kernels.reference import conv2d as conv2d_xla
 from advmaml.models import make_model
@@ -147,6 +148,9 @@ def test_chunk_budget_is_fixed_when_the_kernels_are_built():
   assert ChunkBudget.for_cores(3).threshold_bytes == 3 * cpu.PATCH_CHUNK_THRESHOLD_BYTES
   assert resolve("auto", "cpu") == "cpu"
   assert resolve("auto", "gpu") == resolve("auto", "tpu") == "reference"
+  here = CpuKernels if jax.default_backend() == "cpu" else ReferenceKernels
+  assert isinstance(make_kernels("auto"), here)  # resolved when built, from the default backend
+  assert isinstance(make_kernels("reference", conv_impl="taps"), ReferenceKernels)
   with pytest.raises(ValueError, match="kernels"):
     resolve("fast")
 
