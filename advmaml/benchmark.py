@@ -128,11 +128,11 @@ def _build(work: Workload, pool, num_devices: int = 1) -> tuple[Callable, tuple,
   the tasks.
   """
   cfg = preset("omniglot_5w1s").replace(**work.overrides)
-  exp = build_experiment(cfg, (28, 28, 1))
-  meta = exp.learner.init_meta_params(exp.model.init(jax.random.key(0)))
-  key = jax.random.key(1)
   mesh = sharding.make_mesh(num_devices)
   sharding.check_divisible(cfg.meta_batch_size, mesh)
+  exp = build_experiment(cfg, (28, 28, 1), sharding.device_count(mesh))
+  meta = exp.learner.init_meta_params(exp.model.init(jax.random.key(0)))
+  key = jax.random.key(1)
   pool = sharding.replicate(pool, mesh)
   if work.kind == "train":
     step = make_train_step(exp.learner, get_objective(cfg), exp.optimizer,
@@ -223,8 +223,9 @@ def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
     peak_devices = 1 if jax.devices()[0].platform == "cpu" else devices
     result["fraction_of_matmul_peak"] = result["gflops_achieved"] / (peak_gflops * peak_devices)
   result["config"] = {k: v for k, v in dataclasses.asdict(cfg).items()
-                      if k in ("model", "filters", "conv_impl", "remat", "inner_steps",
-                               "eval_inner_steps", "meta_batch_size", "objective", "task_chunk")}
+                      if k in ("model", "filters", "kernels", "conv_impl", "batch_norm", "remat",
+                               "inner_steps", "eval_inner_steps", "meta_batch_size", "objective",
+                               "task_chunk")}
   return result
 
 

@@ -36,7 +36,9 @@ class Config:
   # Network.
   model: str = "strided"            # "strided" (Omniglot Conv4) or "maxpool"
   filters: int = 64
-  conv_impl: str = "im2col"         # "im2col" (fast) or "xla" (reference)
+  batch_norm: str = "batch"         # "batch": each batch's own statistics (MAML, transductive); "support": the support set's, for the queries too
+  kernels: str = "auto"             # "cpu" (fast CPU kernels), "reference" (plain JAX, every transformation), "auto" (cpu on CPU, reference on GPU/TPU)
+  conv_impl: str = "im2col"         # the cpu kernels' convolution: "im2col" (fast), "xla" (lax.conv), "taps", "winograd"
   # Inner loop.
   inner_lr: float = 0.4
   inner_steps: int = 1
@@ -93,6 +95,9 @@ class Config:
 LEGACY_DEFAULTS = {
     # Before 2026-11-29 the training attack kept each example's best point.
     "train_attack_best": True,
+    # Before 2026-12-01 batch norm was always transductive and the CPU kernels ran on every backend.
+    "batch_norm": "batch",
+    "kernels": "cpu",
 }
 
 
@@ -164,7 +169,7 @@ def _finite_floats(cfg: Config) -> None:
 
 def validate(cfg: Config) -> None:
   """Checks what can be checked without data; raises ConfigError naming the flag."""
-  from advmaml import models, objectives  # local: keep config import-light
+  from advmaml import kernels, models, objectives  # local: keep config import-light
   from advmaml.data import sources
   try:
     sources.check_protocol(cfg.dataset, cfg.split, cfg.rotate)
@@ -186,13 +191,21 @@ def validate(cfg: Config) -> None:
     raise ConfigError(f"--inner_lr={cfg.inner_lr} must be >= 0")
   if cfg.model not in models.VARIANTS:
     raise ConfigError(f"--model={cfg.model!r}; choose one of {models.VARIANTS}")
-  if cfg.conv_impl not in models.CONV_IMPLS:
-    raise ConfigError(f"--conv_impl={cfg.conv_impl!r}; choose one of {models.CONV_IMPLS}")
+  if cfg.batch_norm not in BATCH_NORMS:
+    raise ConfigError(f"--batch_norm={cfg.batch_norm!r}; choose one of {BATCH_NORMS}")
+  if cfg.kernels not in kernels.KERNELS:
+    raise ConfigError(f"--kernels={cfg.kernels!r}; choose one of {kernels.KERNELS}")
+  if cfg.conv_impl not in kernels.CONV_IMPLS:
+    raise ConfigError(f"--conv_impl={cfg.conv_impl!r}; choose one of {kernels.CONV_IMPLS}")
+  if cfg.kernels == "reference" and cfg.conv_impl != "im2col":
+    raise ConfigError(f"--conv_impl={cfg.conv_impl!r} chooses the cpu kernels' convolution; "
+                      "use --kernels=cpu with it (--kernels=reference always runs lax.conv)")
   if cfg.objective not in objectives.OBJECTIVES:
     raise ConfigError(f"--objective={cfg.objective!r}; choose one of {sorted(objectives.OBJECTIVES)}")
   _validate_train_attack(cfg)
 
 
+BATCH_NORMS = ("batch", "support")
 _TRAIN_ATTACKS = ("fgsm", "pgd", "apgd")
 _TRAIN_NORMS = ("linf", "l2")
 

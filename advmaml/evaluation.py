@@ -73,8 +73,7 @@ def _evaluate_batch(meta_params, pool, key, start, *, learner, metric_fn, n_way,
     def one(i):
       episode, metric_key = evaluation_episode(pool, key, i, n_way, k_shot, q_query)
       return metric_fn(learner, meta_params, episode, metric_key)
-    with sharding.traced_for_devices(devices):
-      return jax.lax.map(one, indices, batch_size=chunk)
+    return jax.lax.map(one, indices, batch_size=chunk)
 
   if devices == 1:
     return run(indices, meta_params, pool, key)

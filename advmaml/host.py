@@ -1,4 +1,4 @@
-"""The host: CPU facts for benchmark records, and glibc's allocator setting.
+"""The host: CPU facts for benchmark records and kernel budgets, and glibc's allocator setting.
 
 Imports no JAX, so the PyTorch baseline (``benchmarks/pytorch_maml.py``)
 records the same facts and can take the same allocator setting."""
@@ -6,6 +6,7 @@ records the same facts and can take the same allocator setting."""
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import sys
 
@@ -25,6 +26,20 @@ def cpu_model() -> str:
   except OSError:
     pass
   return platform.processor() or "unknown"
+
+
+def usable_cores() -> int:
+  """The cores this process may run on (its affinity mask on Linux, else the CPU count)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
+def cores_per_device(num_devices: int) -> int:
+  """Each device's share of the usable cores when a step is split over ``num_devices``
+  CPU devices: simulated CPU devices share this process's cores (at least 1 each)."""
+  return max(1, usable_cores() // max(1, num_devices))
 
 
 # glibc's mallopt parameter numbers (malloc.h).

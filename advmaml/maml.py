@@ -10,7 +10,11 @@ meta-parameters are a plain dict::
 default ``jax.grad`` differentiates through them (second-order MAML); with
 ``first_order=True`` the inner gradients are held constant (FOMAML). With
 ``anil=True`` only the head is adapted (Raghu et al. 2020), the body is shared.
-``remat=True`` wraps each inner step in ``jax.checkpoint``.
+``remat=True`` wraps each inner step in ``jax.checkpoint``. With
+``freeze_stats`` (``--batch_norm=support``, from ``ModelSpec.freeze_batch_stats``)
+the adapted params normalise every later batch with the support set's batch-norm
+statistics, so a query's logits do not depend on the other queries; the inner
+loop's support loss is the same either way.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class Learner:
   anil: bool = False
   head_names: tuple[str, ...] = ("head",)
   remat: bool = False    # recompute each inner step's activations in the backward pass
+  # (params, support_x) -> params normalising with support_x's statistics (None: each batch's own).
+  freeze_stats: Callable[[Params, jax.Array], Params] | None = None
 
   # -- meta-parameters -------------------------------------------------------
   def init_meta_params(self, model_params: Params) -> dict:
@@ -76,7 +82,8 @@ class Learner:
 
     x: (B, H, W, C) support images, y: (B,) labels. ``steps`` defaults to
     ``inner_steps`` (use more at test time). Returns a params pytree shaped
-    like ``meta_params["model"]``.
+    like ``meta_params["model"]`` (with ``freeze_stats``, its batch norms also
+    hold the support set's statistics).
     """
     steps = self.inner_steps if steps is None else steps
     params = meta_params["model"]
@@ -101,4 +108,7 @@ class Learner:
     # (only each step's fast weights are kept) at the cost of a second forward.
     body = jax.checkpoint(sgd_step) if self.remat else sgd_step
     adapted, _ = lax.scan(body, adapted, None, length=steps)
-    return {**frozen, **adapted}
+    fast = {**frozen, **adapted}
+    # The one place the batch-norm rule enters: every use of the adapted params
+    # (query loss, attacks on the queries, evaluation) sees the support's statistics.
+    return fast if self.freeze_stats is None else self.freeze_stats(fast, x)

@@ -16,7 +16,7 @@ import optax
 from advmaml.data.episodes import sample_episodes
 from advmaml.maml import Learner
 from advmaml.objectives import Objective
-from advmaml.sharding import device_count, shard_tasks, traced_for_devices
+from advmaml.sharding import device_count, shard_tasks
 
 
 class TrainState(NamedTuple):
@@ -106,7 +106,8 @@ def make_train_step(learner: Learner, objective: Objective,
   key: the run's base key; the step's key is ``fold_in(key, state.step)``, so a
   resumed run draws exactly the tasks an uninterrupted one would.
   mesh: optional ``jax.sharding.Mesh`` with a "tasks" axis: the sampled tasks
-  are split over its devices (state and pool should be replicated on it).
+  are split over its devices (state and pool should be replicated on it; build
+  the learner's model for that many devices, ``training.build_experiment``).
   task_chunk: tasks differentiated together (see ``meta_value_and_grad``; 0: all;
   -1: ``resolve_task_chunk``'s choice for the backend).
   """
@@ -118,9 +119,8 @@ def make_train_step(learner: Learner, objective: Objective,
     task_key, objective_key = jax.random.split(step_key)
     tasks = shard_tasks(sample_episodes(pool, task_key, meta_batch_size, n_way, k_shot, q_query),
                         mesh)
-    with traced_for_devices(num_devices):
-      (loss, metrics), grads = meta_value_and_grad(learner, objective, state.meta_params, tasks,
-                                                   objective_key, task_chunk)
+    (loss, metrics), grads = meta_value_and_grad(learner, objective, state.meta_params, tasks,
+                                                 objective_key, task_chunk)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
     meta_params = optax.apply_updates(state.meta_params, updates)
     metrics = {**metrics, "outer_loss": loss, "grad_norm": optax.tree.norm(grads)}

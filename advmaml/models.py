@@ -4,410 +4,72 @@ The networks are flax modules, but the meta-learning code only ever sees
 ``apply_fn(params, x) -> logits`` and a plain ``params`` pytree, so any flax
 module (or hand-written function) can stand in for them.
 
-Batch norm always normalises with the statistics of the batch it is given, at
-train and at test time, with no running averages: this is what MAML does
-(Finn et al. 2017), and it makes a task's prediction depend on the other
-examples of that task's support or query batch (transductive batch norm).
+Batch norm has no running averages. By default it normalises with the
+statistics of the batch it is given, at train and at test time: this is what
+MAML does (Finn et al. 2017), and it makes a task's prediction depend on the
+other examples of that task's support or query batch (transductive batch norm).
+``ModelSpec.freeze_batch_stats(params, support_x)`` returns params whose batch
+norms normalise every batch with the support set's statistics instead (the
+non-transductive setting of Nichol et al. 2018, ``--batch_norm=support``): a
+query's prediction then depends on the support set and on that query alone.
 
-Convolutions come in numerically equivalent implementations (``conv_impl``):
-
-* ``"xla"``: ``lax.conv_general_dilated``, the obvious reference.
-* ``"im2col"`` (default): nine shifted strided slices concatenated into
-  patches, then one matmul. When MAML vmaps per-task weights over tasks, XLA
-  turns the reference into a grouped convolution, whose CPU backward pass is
-  slow; the im2col form becomes a batched matmul instead, and its backward is
-  matmuls plus pads. On CPU a stride-1 layer with more than 8 MiB of patches
-  per core runs over chunks of images that fit the caches
-  (``PATCH_CHUNK_THRESHOLD_BYTES``).
-* ``"taps"`` and ``"winograd"``: one matmul per kernel tap, and Winograd
-  F(2x2, 3x3); both measured slower than im2col on CPU and kept to reproduce
-  ``docs/benchmark_notes.md`` (sections 5, 7 and 10) and to try on other
-  hardware.
+The convolution, batch norm and max-pool come from a kernel set
+(``advmaml.kernels``: ``reference`` or ``cpu``), chosen when the model is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
-import os
 from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from advmaml import sharding
+from advmaml.kernels import make_kernels, reference
 
-CONV_IMPLS = ("im2col", "taps", "winograd", "xla")
 VARIANTS = ("strided", "maxpool")
 
-
-def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-  """TF/'SAME' padding (low, high) for one spatial axis."""
-  out = -(-size // stride)
-  total = max((out - 1) * stride + kernel - size, 0)
-  return total // 2, total - total // 2
-
-
-def _pad_same(x: jax.Array, kh: int, kw: int, stride: int) -> tuple[jax.Array, int, int]:
-  """'SAME'-padded x (B, H+p, W+q, C) and the output size (ceil(H/stride), ceil(W/stride))."""
-  _, h, w, _ = x.shape
-  (pt, pb), (pl, pr) = _same_padding(h, kh, stride), _same_padding(w, kw, stride)
-  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  return xp, -(-h // stride), -(-w // stride)
-
-
-def conv2d_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """'SAME' 2-D convolution. x: (B, H, W, C), kernel: (kh, kw, C, O) -> (B, H', W', O)."""
-  return lax.conv_general_dilated(
-      x, kernel, window_strides=(stride, stride), padding="SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@jax.custom_vjp
-def _narrow_patches_matmul(patches: jax.Array, weights: jax.Array) -> jax.Array:
-  """patches @ weights for patches with fewer columns than outputs (K < O).
-
-  patches: (..., K), weights: (K, O) -> (..., O). Same values and gradients as
-  ``@``; only the weight gradient's operand order differs. JAX's transpose of
-  ``@`` writes it as g^T @ patches, which XLA's CPU backend runs by transposing
-  the output gradient g (..., O), through a loop fused with batch norm's
-  backward that reads g at an O-float stride; patches^T @ g transposes the
-  O/K times smaller patches instead.
-  """
-  return patches @ weights
-
-
-def _narrow_patches_matmul_fwd(patches, weights):
-  return patches @ weights, (patches, weights)
-
-
-def _patches_weight_gradient(patches: jax.Array, g: jax.Array) -> jax.Array:
-  """(K, O) = patches^T g over all position axes. patches: (..., K), g: (..., O).
-
-  Written so that XLA's CPU backend transposes the narrower operand: patches-first
-  when K < O (see ``_narrow_patches_matmul``), g-first (autodiff's order) otherwise,
-  where patches-first made XLA transpose the K-column patches instead.
-  """
-  positions = tuple(range(g.ndim - 1))
-  if patches.shape[-1] < g.shape[-1]:
-    return jnp.tensordot(patches, g, axes=(positions, positions))
-  return jnp.tensordot(g, patches, axes=(positions, positions)).T
-
-
-def _narrow_patches_matmul_bwd(residuals, g):
-  patches, weights = residuals
-  return g @ weights.T, _patches_weight_gradient(patches, g)
-
-
-_narrow_patches_matmul.defvjp(_narrow_patches_matmul_fwd, _narrow_patches_matmul_bwd)
-
-
-def _im2col_patches(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
-  """'SAME' patches of x (B, H, W, C): (B, ceil(H/stride), ceil(W/stride), kh * kw * C)."""
-  xp, ho, wo = _pad_same(x, kh, kw, stride)
-  # Patch channel order (di, dj, c) matches kernel.reshape(kh * kw * cin, cout).
-  return jnp.concatenate([
-      xp[:, di:di + (ho - 1) * stride + 1:stride, dj:dj + (wo - 1) * stride + 1:stride, :]
-      for di in range(kh) for dj in range(kw)], axis=-1)
-
-
-def _conv2d_im2col_at_once(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """``conv2d_im2col`` with all images' patches built at once."""
-  kh, kw, cin, cout = kernel.shape
-  patches = _im2col_patches(x, kh, kw, stride)
-  weights = kernel.reshape(kh * kw * cin, cout)
-  if kh * kw * cin < cout:
-    return _narrow_patches_matmul(patches, weights)
-  return patches @ weights
-
-
-# On CPU, a stride-1 layer whose im2col patches would exceed
-# PATCH_CHUNK_THRESHOLD_BYTES per core of its device runs over chunks of images
-# of about PATCH_CHUNK_BYTES of patches per core each, and its backward pass
-# rebuilds each chunk's patches instead of keeping them all. Past some MB per
-# core the patches, their cotangent and the matmuls' operands no longer stay in
-# the caches: the Conv4's second layer on 75 query images (34 MB of patches)
-# took 39.5 ms forward and backward at once, 27.2 ms in chunks
-# (benchmarks/conv_variants.py --images=75). Per core, because a device with one
-# core has half the cache of one with two: on two one-core devices chunking B1's
-# 25 query images (11 MB) sped B1 up 6-12%, on one two-core device it slowed B1
-# down. Stride-2 layers stay whole: chunked, they were slower at every budget
-# tried (docs/benchmark_notes.md, sections 17 and 18). Module-level so tests can
-# force the chunked path on tiny shapes.
-PATCH_CHUNK_THRESHOLD_BYTES = 8 * 2**20
-PATCH_CHUNK_BYTES = 2 * 2**20
-CHUNKED_STRIDES = (1,)
-
-
-def _cpu_cores_per_device() -> int:
-  """Cores for each device of the step being traced: simulated CPU devices share
-  this process's cores (``sharding.traced_for_devices``; one device gets them all)."""
-  try:
-    cores = len(os.sched_getaffinity(0))
-  except AttributeError:  # not on Linux
-    cores = os.cpu_count() or 1
-  return max(1, cores // sharding.traced_device_count())
-
-
-def _image_chunks(num_images: int, patch_bytes_per_image: int,
-                  stride: int = 1) -> tuple[int, int] | None:
-  """(number of chunks, images per chunk) for a chunked im2col, or None for all at once.
-
-  Takes the fewest chunks within the byte budget, or, where up to twice as many
-  divide the images evenly, that count instead (no leftover images to handle apart).
-  """
-  if jax.default_backend() != "cpu" or stride not in CHUNKED_STRIDES:
-    return None  # accelerators want the whole batch in one matmul
-  cores = _cpu_cores_per_device()
-  total = num_images * patch_bytes_per_image
-  if total <= PATCH_CHUNK_THRESHOLD_BYTES * cores:
-    return None
-  fewest = min(-(-total // (PATCH_CHUNK_BYTES * cores)), num_images)
-  chunks = next((n for n in range(fewest, min(2 * fewest, num_images) + 1)
-                 if num_images % n == 0), fewest)
-  return chunks, num_images // chunks
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv2d_im2col_chunked(x: jax.Array, kernel: jax.Array, stride: int,
-                           chunks: int) -> jax.Array:
-  """``conv2d_im2col`` over ``chunks`` equal chunks of x's images (B divisible by chunks).
-
-  Values and gradients equal the all-at-once form; the backward pass rebuilds
-  each chunk's patches, so only x is kept for it.
-  """
-  b = x.shape[0]
-  out = lax.map(lambda xc: _conv2d_im2col_at_once(xc, kernel, stride),
-                x.reshape(chunks, b // chunks, *x.shape[1:]))
-  return out.reshape(b, *out.shape[2:])
-
-
-def _conv2d_im2col_chunked_fwd(x, kernel, stride, chunks):
-  # symbolic_zeros: x and kernel arrive as CustomVJPPrimal. An attack's input
-  # gradient does not perturb the kernel, so its backward skips the weight gradient.
-  out = _conv2d_im2col_chunked(x.value, kernel.value, stride, chunks)
-  return out, (x.value, kernel.value, x.perturbed, kernel.perturbed)
-
-
-def _conv2d_im2col_chunked_bwd(stride, chunks, residuals, g):
-  x, kernel, need_x, need_kernel = residuals
-  if isinstance(g, jax.custom_derivatives.SymbolicZero):
-    return None, None
-  kh, kw, cin, cout = kernel.shape
-  weights = kernel.reshape(kh * kw * cin, cout)
-  per_chunk = lambda t: t.reshape(chunks, t.shape[0] // chunks, *t.shape[1:])
-
-  def one_chunk(grad_kernel, chunk):  # xc: (b, H, W, C), gc: (b, H', W', O)
-    xc, gc = chunk
-    patches, patches_vjp = jax.vjp(lambda xc: _im2col_patches(xc, kh, kw, stride), xc)
-    grad_xc = patches_vjp(gc @ weights.T)[0] if need_x else None  # col2im of dpatches
-    if need_kernel:  # the order matters: the wrong one lost the chunks' gain
-      grad_kernel = grad_kernel + _patches_weight_gradient(patches, gc).reshape(kernel.shape)
-    return grad_kernel, grad_xc
-
-  grad_kernel, grad_x = lax.scan(one_chunk, jnp.zeros_like(kernel) if need_kernel else None,
-                                 (per_chunk(x), per_chunk(g)))
-  return (grad_x.reshape(x.shape) if need_x else None), grad_kernel
-
-
-_conv2d_im2col_chunked.defvjp(_conv2d_im2col_chunked_fwd, _conv2d_im2col_chunked_bwd,
-                              symbolic_zeros=True)
-
-
-def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """Same result as ``conv2d_xla``, computed as patches @ kernel.
-
-  x: (B, H, W, C), kernel: (kh, kw, C, O) -> (B, ceil(H/stride), ceil(W/stride), O).
-  Large stride-1 layers on CPU run over chunks of images (see PATCH_CHUNK_THRESHOLD_BYTES).
-  """
-  kh, kw, cin, _ = kernel.shape
-  b, h, w, _ = x.shape
-  plan = _image_chunks(b, -(-h // stride) * -(-w // stride) * kh * kw * cin * x.dtype.itemsize,
-                       stride)
-  if plan is None:
-    return _conv2d_im2col_at_once(x, kernel, stride)
-  chunks, size = plan
-  head = chunks * size
-  out = _conv2d_im2col_chunked(x[:head], kernel, stride, chunks)
-  if head == b:
-    return out
-  # The few images left over (fewer than the number of chunks) go at once.
-  return jnp.concatenate([out, _conv2d_im2col_at_once(x[head:], kernel, stride)])
-
-
-def conv2d_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """Same result as ``conv2d_xla``, as a sum of one matmul per kernel tap.
-
-  Unlike im2col it never materialises the (kh * kw)-times larger patch tensor,
-  which dominates memory traffic for stride-1 convolutions on large images.
-  x: (B, H, W, C), kernel: (kh, kw, C, O) -> (B, ceil(H/stride), ceil(W/stride), O).
-  """
-  kh, kw, _, _ = kernel.shape
-  xp, ho, wo = _pad_same(x, kh, kw, stride)
-  out = None
-  for di in range(kh):
-    for dj in range(kw):
-      tap = xp[:, di:di + (ho - 1) * stride + 1:stride, dj:dj + (wo - 1) * stride + 1:stride, :]
-      term = tap @ kernel[di, dj]
-      out = term if out is None else out + term
-  return out
-
-
-# Winograd F(2x2, 3x3) (Lavin & Gray 2016): output tile Y = A^T [(G g G^T) * (B^T d B)] A
-# for a 4x4 input tile d and a 3x3 kernel g; 16 multiplies per output tile and
-# channel pair instead of 36.
-_WINO_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
-_WINO_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-_WINO_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
-
-
-def _signed_sum(terms, coeffs):
-  """sum_i coeffs[i] * terms[i] for coefficients in {-1, 0, 1}, without multiplies."""
-  out = None
-  for t, c in zip(terms, coeffs):
-    if c == 0:
-      continue
-    out = (t if c > 0 else -t) if out is None else (out + t if c > 0 else out - t)
-  return out
-
-
-def conv2d_winograd(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """Same result as ``conv2d_xla`` (to float32 rounding): Winograd F(2x2, 3x3).
-
-  For stride-1 3x3 convolutions: 2.25x fewer multiplies than im2col, as 16
-  batched (tiles x C) @ (C x O) matmuls, and a transformed input 16/9 the size
-  of the activations per 4 outputs instead of im2col's 9x patches. Other
-  strides or kernel sizes fall back to ``conv2d_im2col``.
-  x: (B, H, W, C), kernel: (3, 3, C, O) -> (B, H, W, O).
-  """
-  kh, kw, cin, cout = kernel.shape
-  if stride != 1 or (kh, kw) != (3, 3):
-    return conv2d_im2col(x, kernel, stride)
-  b, h, w, _ = x.shape
-  th, tw = -(-h // 2), -(-w // 2)
-  # 'SAME' pads 1 on each side; pad the high side further to whole 2x2 output tiles.
-  xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
-  # d[u][v]: (B, th, tw, C), element (u, v) of every 4x4 input tile (stride-2 windows).
-  d = [[xp[:, u:u + 2 * th - 1:2, v:v + 2 * tw - 1:2, :] for v in range(4)] for u in range(4)]
-  rows = [[_signed_sum([d[u][v] for u in range(4)], _WINO_BT[a]) for v in range(4)] for a in range(4)]
-  tiles = jnp.stack([_signed_sum(rows[a], _WINO_BT[c]) for a in range(4) for c in range(4)])
-  g = jnp.asarray(_WINO_G, kernel.dtype)
-  u_kernel = jnp.einsum("ai,ijco,bj->abco", g, kernel, g).reshape(16, cin, cout)
-  m = jnp.einsum("kbhwc,kco->kbhwo", tiles, u_kernel).reshape(4, 4, b, th, tw, cout)
-  out_rows = [[_signed_sum([m[a, c] for a in range(4)], _WINO_AT[p]) for c in range(4)] for p in range(2)]
-  y = [[_signed_sum(out_rows[p], _WINO_AT[q]) for q in range(2)] for p in range(2)]
-  # Interleave the four (B, th, tw, O) outputs into (B, 2 th, 2 tw, O), then crop.
-  y = jnp.stack([jnp.stack(y[p], axis=3) for p in range(2)], axis=2)
-  return y.reshape(b, 2 * th, 2 * tw, cout)[:, :h, :w, :]
-
-
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 max-pool, stride 2, 'VALID' (odd sizes are floored). (B, H, W, C) -> (B, H//2, W//2, C).
-
-  The maximum of the four strided slices, elementwise, with the backward pass
-  of ``_max_pool_2x2_even``: XLA fuses both into the ops around them, where a
-  max reduction and its derivative are separate passes over the activations.
-  """
-  _, h, w, _ = x.shape
-  return _max_pool_2x2_even(x[:, :h // 2 * 2, :w // 2 * 2, :])
-
-
-def _window_corners(x: jax.Array) -> tuple[jax.Array, ...]:
-  """The four (B, H/2, W/2, C) strided slices of x (B, H, W, C), H and W even."""
-  return tuple(x[:, i::2, j::2, :] for i in (0, 1) for j in (0, 1))
-
-
-@jax.custom_vjp
-def _max_pool_2x2_even(x: jax.Array) -> jax.Array:
-  """``max_pool_2x2`` for even H and W; gradients equal those of a max reduction.
-
-  Tied maxima share the gradient evenly, as differentiating ``jnp.max`` over
-  the window does (constant image regions tie exactly).
-  """
-  a, b, c, d = _window_corners(x)
-  return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
-
-
-def _max_pool_2x2_even_fwd(x):
-  y = _max_pool_2x2_even(x)
-  return y, (x, y)
-
-
-def _max_pool_2x2_even_bwd(residuals, g):
-  x, y = residuals
-  bsz, h, w, c = x.shape
-  # The count of tied maxima, elementwise from the corners (a reduction is another pass).
-  share = g / sum((corner == y).astype(g.dtype) for corner in _window_corners(x))
-  at_max = x.reshape(bsz, h // 2, 2, w // 2, 2, c) == y[:, :, None, :, None, :]
-  return (jnp.where(at_max, share[:, :, None, :, None, :], 0).reshape(x.shape),)
-
-
-_max_pool_2x2_even.defvjp(_max_pool_2x2_even_fwd, _max_pool_2x2_even_bwd)
+# The flax collection a forward pass writes each batch norm's statistics into.
+_STATS = "batch_stats"
 
 
 class Conv(nn.Module):
-  """3x3 convolution without bias (batch norm follows and has its own)."""
+  """3x3 'SAME' convolution without bias (batch norm follows and has its own)."""
   features: int
-  stride: int = 1
-  impl: str = "im2col"
+  stride: int
+  kernels: object
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", nn.initializers.glorot_uniform(),
                         (3, 3, x.shape[-1], self.features), jnp.float32)
-    conv = {"im2col": conv2d_im2col, "taps": conv2d_taps, "winograd": conv2d_winograd,
-            "xla": conv2d_xla}[self.impl]
-    return conv(x, kernel, self.stride)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_stat_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
-  """(x - mean) / sqrt(var + epsilon) * scale + bias over all axes but the last.
-
-  x: (..., C), scale and bias: (C,) -> (..., C). The backward pass is the
-  closed form dx = scale / sqrt(var + eps) * (g - mean(g) - xhat * mean(g * xhat)),
-  which needs only the two reductions the scale and bias gradients take anyway;
-  differentiating the forward would add two more passes over x for the mean's
-  and the variance's paths.
-  """
-  return _batch_stat_norm_fwd(x, scale, bias, epsilon)[0]
-
-
-def _batch_stat_norm_fwd(x, scale, bias, epsilon):
-  axes = tuple(range(x.ndim - 1))
-  mean = x.mean(axes)
-  centred = x - mean
-  inv_std = lax.rsqrt(jnp.square(centred).mean(axes) + epsilon)
-  normed = centred * inv_std
-  return normed * scale + bias, (normed, inv_std, scale)
-
-
-def _batch_stat_norm_bwd(epsilon, residuals, g):
-  del epsilon
-  normed, inv_std, scale = residuals
-  axes = tuple(range(g.ndim - 1))
-  count = math.prod(g.shape[:-1])
-  grad_bias = g.sum(axes)
-  grad_scale = (g * normed).sum(axes)
-  grad_x = (scale * inv_std) * (g - (grad_bias + normed * grad_scale) / count)
-  return grad_x, grad_scale, grad_bias
-
-
-batch_stat_norm.defvjp(_batch_stat_norm_fwd, _batch_stat_norm_bwd)
+    return self.kernels.conv(x, kernel, self.stride)
 
 
 class BatchStatNorm(nn.Module):
-  """Batch norm from the current batch's statistics only (MAML-style), learned scale and bias."""
+  """Batch norm without running averages, learned scale and bias. (..., C) -> (..., C).
+
+  Normalises with x's own statistics, or with ``mean`` and ``var`` where the
+  params hold them (``freeze_batch_stats``); ``capture=True`` also records x's
+  statistics in the ``batch_stats`` collection.
+  """
+  kernels: object
   epsilon: float = 1e-5
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, capture: bool = False):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
-    return batch_stat_norm(x, scale, bias, self.epsilon)
+    if capture:  # plain ops: the statistics are differentiated through, to any order
+      mean, var = reference.moments(x)
+      self.put_variable(_STATS, "mean", mean)
+      self.put_variable(_STATS, "var", var)
+    elif self.has_variable("params", "mean"):
+      mean, var = self.get_variable("params", "mean"), self.get_variable("params", "var")
+    else:
+      return self.kernels.batch_norm(x, scale, bias, self.epsilon)
+    return reference.normalize(x, mean, var, scale, bias, self.epsilon)
 
 
 class Conv4(nn.Module):
@@ -418,19 +80,19 @@ class Conv4(nn.Module):
   Input (B, H, W, C) -> logits (B, num_classes).
   """
   num_classes: int
-  filters: int = 64
-  variant: str = "strided"
-  conv_impl: str = "im2col"
+  filters: int
+  variant: str
+  kernels: object
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, capture_stats: bool = False):
     for i in range(4):
       stride = 2 if self.variant == "strided" else 1
-      x = Conv(self.filters, stride, self.conv_impl, name=f"conv{i}")(x)
-      x = BatchStatNorm(name=f"norm{i}")(x)
+      x = Conv(self.filters, stride, self.kernels, name=f"conv{i}")(x)
+      x = BatchStatNorm(self.kernels, name=f"norm{i}")(x, capture_stats)
       x = nn.relu(x)
       if self.variant == "maxpool":
-        x = max_pool_2x2(x)
+        x = self.kernels.max_pool(x)
     x = x.reshape(x.shape[0], -1)
     return nn.Dense(self.num_classes, name="head")(x)
 
@@ -441,22 +103,32 @@ class ModelSpec:
   init: Callable[[jax.Array], dict]           # key -> params pytree
   apply: Callable[[dict, jax.Array], jax.Array]  # (params, x (B,H,W,C)) -> logits (B, N)
   head_names: tuple[str, ...] = ("head",)     # top-level param names adapted by ANIL
+  # (params, x (S,H,W,C)) -> params that normalise every batch with x's statistics.
+  freeze_batch_stats: Callable[[dict, jax.Array], dict] | None = None
+  kernels: object = None                      # the kernel set it runs on (advmaml.kernels)
 
 
 def make_model(num_classes: int, image_shape: Sequence[int], filters: int = 64,
-               variant: str = "strided", conv_impl: str = "im2col") -> ModelSpec:
-  """Builds a Conv4 ModelSpec. image_shape: (H, W, C)."""
+               variant: str = "strided", conv_impl: str = "im2col", *,
+               kernels="auto", cores_per_device: int | None = None) -> ModelSpec:
+  """Builds a Conv4 ModelSpec. image_shape: (H, W, C).
+
+  kernels: "auto", "reference" or "cpu" (``advmaml.kernels.make_kernels``, with
+  conv_impl and cores_per_device: each device's share of the cores, which sizes
+  the CPU kernels' image chunks; None: all usable cores, one device), or a
+  kernel set itself (e.g. ``CpuKernels`` with a chosen ``ChunkBudget``).
+  """
   if variant not in VARIANTS:
     raise ValueError(f"unknown model variant {variant!r}; choose one of {VARIANTS}")
-  if conv_impl not in CONV_IMPLS:
-    raise ValueError(f"unknown conv_impl {conv_impl!r}; choose one of {CONV_IMPLS}")
   side = min(image_shape[:2])
   for _ in range(4):
     side = -(-side // 2) if variant == "strided" else side // 2
   if side < 1:
     raise ValueError(f"images of {tuple(image_shape[:2])} pixels are too small for four "
                      f"{variant} blocks; use at least 16x16 with max-pooling")
-  module = Conv4(num_classes, filters, variant, conv_impl)
+  if isinstance(kernels, str):
+    kernels = make_kernels(kernels, conv_impl, cores_per_device)
+  module = Conv4(num_classes, filters, variant, kernels)
   dummy = jnp.zeros((2, *image_shape), jnp.float32)
 
   @jax.jit  # eager flax init dispatches op by op: seconds for Conv4 on a CPU
@@ -466,4 +138,8 @@ def make_model(num_classes: int, image_shape: Sequence[int], filters: int = 64,
   def apply(params, x):
     return module.apply({"params": params}, x)
 
-  return ModelSpec(init=init, apply=apply)
+  def freeze_batch_stats(params, x):
+    _, stats = module.apply({"params": params}, x, capture_stats=True, mutable=[_STATS])
+    return {**params, **{name: {**params[name], **s} for name, s in stats[_STATS].items()}}
+
+  return ModelSpec(init=init, apply=apply, freeze_batch_stats=freeze_batch_stats, kernels=kernels)

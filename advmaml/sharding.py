@@ -9,36 +9,11 @@ slice (``jit`` with ``NamedSharding``; no pmap).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 TASK_AXIS = "tasks"
-
-_TRACED_DEVICES = contextvars.ContextVar("advmaml_traced_devices", default=1)
-
-
-@contextlib.contextmanager
-def traced_for_devices(num_devices: int):
-  """Marks what is traced inside as one device's share of a step split over ``num_devices``.
-
-  Code that sizes its working set for a CPU reads ``traced_device_count``
-  (``models.conv2d_im2col`` picks its image chunks per core of a device), because
-  simulated CPU devices share the host's cores: each of two has half of them.
-  """
-  token = _TRACED_DEVICES.set(max(1, num_devices))
-  try:
-    yield
-  finally:
-    _TRACED_DEVICES.reset(token)
-
-
-def traced_device_count() -> int:
-  """The device count of the enclosing ``traced_for_devices`` (1 outside any)."""
-  return _TRACED_DEVICES.get()
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:

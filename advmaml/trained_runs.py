@@ -101,8 +101,10 @@ def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_
   first, _ = evaluation_episode(jax.numpy.asarray(splits[split].images), jax.random.key(seed), 0,
                                 cfg.n_way, cfg.k_shot, cfg.eval_q_query)
   check_outputs_finite(run, first, inner_steps)
+  # The same network with its kernels sized for this layout's share of the cores per device.
+  learner = build_experiment(cfg, image_shape_for(cfg), sharding.device_count(mesh)).learner
   results = evaluate_episodes(
-      run.exp.learner, run.meta_params, splits[split].images, jax.random.key(seed),
+      learner, run.meta_params, splits[split].images, jax.random.key(seed),
       num_episodes=num_episodes, n_way=cfg.n_way, k_shot=cfg.k_shot, q_query=cfg.eval_q_query,
       inner_steps=inner_steps, batch_tasks=cfg.eval_batch_tasks, metric_fn=metric_fn, mesh=mesh)
   return {"checkpoint": run.source, "step": run.step, "split": split, "protocol": cfg.split,

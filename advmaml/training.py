@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from advmaml import checkpoint, sharding
+from advmaml import checkpoint, host, sharding
 from advmaml.config import Config, ConfigError, validate, validate_against_data, with_legacy_defaults
 from advmaml.data.sources import load_class_splits
 from advmaml.evaluation import evaluate_episodes
@@ -37,10 +37,11 @@ from advmaml.objectives import get_objective
 from advmaml.workdir import (METRICS_FILE, WorkdirLock, append_metrics, atomic_write_text,
                              prepare_workdir, truncate_metrics)
 
-# Settings that may change when a run is resumed: they do not change the math.
+# Settings that may change when a run is resumed: they do not change the math
+# (kernels: the same to float32 rounding).
 RESUMABLE_CHANGES = ("num_steps", "log_every", "eval_every", "val_episodes", "checkpoint_every",
                      "keep_checkpoints", "test_episodes", "eval_batch_tasks", "data_dir",
-                     "tfds_data_dir", "remat", "num_devices", "task_chunk")
+                     "tfds_data_dir", "remat", "num_devices", "task_chunk", "kernels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +53,17 @@ class Experiment:
   optimizer: optax.GradientTransformation
 
 
-def build_experiment(cfg: Config, image_shape) -> Experiment:
-  model = make_model(cfg.n_way, image_shape, cfg.filters, cfg.model, cfg.conv_impl)
+def build_experiment(cfg: Config, image_shape, num_devices: int = 1) -> Experiment:
+  """The network, learner and optimizer of ``cfg`` for images of image_shape (H, W, C).
+
+  num_devices: devices each step (or evaluation call) is split over; the CPU
+  kernels size their image chunks for one device's share of the cores.
+  """
+  model = make_model(cfg.n_way, image_shape, cfg.filters, cfg.model, cfg.conv_impl,
+                     kernels=cfg.kernels, cores_per_device=host.cores_per_device(num_devices))
+  freeze_stats = model.freeze_batch_stats if cfg.batch_norm == "support" else None
   learner = Learner(model.apply, cfg.inner_steps, cfg.inner_lr, cfg.first_order,
-                    cfg.meta_sgd, cfg.anil, model.head_names, cfg.remat)
+                    cfg.meta_sgd, cfg.anil, model.head_names, cfg.remat, freeze_stats)
   return Experiment(cfg, model, learner, optax.adam(cfg.outer_lr))
 
 
@@ -225,7 +233,7 @@ def _train_locked(cfg: Config, workdir: pathlib.Path, trust_unverified: bool) ->
     raise ConfigError(str(e)) from None
   check_saved_config(workdir, cfg)
 
-  exp = build_experiment(cfg, image_shape_of(splits["train"].images))
+  exp = build_experiment(cfg, image_shape_of(splits["train"].images), sharding.device_count(mesh))
   state = initial_state(exp, cfg.seed)
   ckpt_dir = workdir / "checkpoints"
   metrics_path = workdir / METRICS_FILE

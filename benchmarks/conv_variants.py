@@ -7,7 +7,7 @@ The second layer of the max-pool Conv4 on one task's 25 query images
 (x: 25 x 14 x 14 x 64, kernel 3 x 3 x 64 x 64, stride 1, 'SAME'), the op that
 carries most of a B1/B3 step's matmul time (``--images=75``: B2's and B4's
 query sets). The library's ``conv2d_im2col`` runs over chunks of images once
-the patches pass ``models.PATCH_CHUNK_THRESHOLD_BYTES`` per core of the device
+the patches pass ``kernels.cpu.PATCH_CHUNK_THRESHOLD_BYTES`` per core of the device
 (8 MiB: on one device of two cores, as here, more than 37 images; on each
 of two simulated one-core devices, in a split step, more than 18); the row "im2col at once" is the
 same without chunks. For each formulation it prints
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from advmaml import models
+from advmaml.kernels import cpu, make_kernels
 
 B, H, C, O = 25, 14, 64, 64  # B: --images
 
@@ -92,6 +92,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--images", type=int, default=B, help="images through the layer")
   B = parser.parse_args().images
+  library = make_kernels("cpu")  # one device with every usable core, as before
   x = jax.random.normal(jax.random.key(0), (B, H, H, C))
   k = jax.random.normal(jax.random.key(1), (3, 3, C, O)) * 0.05
   ref = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -99,8 +100,8 @@ def main():
   to_nhwc = {"channel-major": lambda y: jnp.transpose(y, (1, 2, 3, 0))}
   variants = [
       ("im2col concat", conv_of(patches_concat), patches_concat, x),
-      ("im2col at once (library)", lambda x, k: models._conv2d_im2col_at_once(x, k, 1), None, x),
-      ("conv2d_im2col (library)", lambda x, k: models.conv2d_im2col(x, k, 1), None, x),
+      ("im2col at once (library)", lambda x, k: cpu._conv2d_im2col_at_once(x, k, 1), None, x),
+      ("conv2d_im2col (library)", lambda x, k: library.conv(x, k, 1), None, x),
       ("im2col two-stage concat", conv_of(patches_two_stage), patches_two_stage, x),
       ("stacked taps + einsum", conv_stack_taps, None, x),
       ("output-side taps", conv_output_side, None, x),

@@ -16,7 +16,7 @@ import pathlib
 from absl import app, flags, logging
 
 from advmaml import benchmark, sharding
-from advmaml.models import CONV_IMPLS
+from advmaml.kernels import CONV_IMPLS, KERNELS
 from advmaml.trained_runs import write_json
 from experiments import malloc_flag
 
@@ -26,8 +26,10 @@ REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per workload.")
 MIN_STEPS = flags.DEFINE_integer("min_steps", 20, "Steps per repetition (or --min_seconds, whichever first).")
 MIN_SECONDS = flags.DEFINE_float("min_seconds", 30.0, "Seconds per repetition (or --min_steps, whichever first).")
 OUTPUT = flags.DEFINE_string("output", None, "JSON output path (default: print only).")
+KERNELS_FLAG = flags.DEFINE_enum("kernels", None, list(KERNELS),
+                                 "Override the workloads' kernel set (default auto).")
 CONV_IMPL = flags.DEFINE_enum("conv_impl", None, list(CONV_IMPLS),
-                              "Override the workloads' convolution implementation (default im2col).")
+                              "Override the cpu kernels' convolution (default im2col).")
 REMAT = flags.DEFINE_bool("remat", None, "Override the workloads' inner-loop rematerialisation.")
 INNER_STEPS = flags.DEFINE_integer("inner_steps", None, "Override the workloads' inner steps.")
 TASK_CHUNK = flags.DEFINE_integer("task_chunk", None, "Override the tasks differentiated together "
@@ -73,7 +75,8 @@ def main(argv):
   peak = benchmark.matmul_peak()
   logging.info("float32 matmul peak: %.1f GFLOP/s (median; %.1f-%.1f)", peak["gflops_median"],
                peak["gflops_min"], peak["gflops_max"])
-  overrides = {k: v for k, v in (("conv_impl", CONV_IMPL.value), ("remat", REMAT.value),
+  overrides = {k: v for k, v in (("kernels", KERNELS_FLAG.value),
+                                    ("conv_impl", CONV_IMPL.value), ("remat", REMAT.value),
                                     ("inner_steps", INNER_STEPS.value),
                                     ("task_chunk", TASK_CHUNK.value),
                                     ("train_attack_best", TRAIN_ATTACK_BEST.value)) if v is not None}

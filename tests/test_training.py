@@ -18,7 +18,9 @@ from advmaml.config import ConfigError, preset
 from advmaml.data.omniglot import DataError
 from advmaml.meta_step import init_train_state, make_train_step
 from advmaml.objectives import natural
-from advmaml.training import build_experiment, train
+from advmaml.trained_runs import load_checkpointed_run
+from advmaml.training import (build_experiment, check_or_write_config, initial_state,
+                              state_to_tree, train)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -71,6 +73,9 @@ def test_resume_with_other_settings_is_refused(tiny, tmp_path):
     (dict(n_way=1), "--n_way"),
     (dict(meta_batch_size=0), "--meta_batch_size"),
     (dict(model="resnet"), "--model"),
+    (dict(kernels="gpu"), "--kernels"),
+    (dict(batch_norm="query"), "--batch_norm"),
+    (dict(kernels="reference", conv_impl="taps"), "--conv_impl=.taps. chooses the cpu kernels"),
 ])
 def test_bad_settings_fail_before_training_naming_the_flag(tiny, tmp_path, changes, flag):
   with pytest.raises(ConfigError, match=flag):
@@ -78,13 +83,51 @@ def test_bad_settings_fail_before_training_naming_the_flag(tiny, tmp_path, chang
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_resume_may_change_the_kernels_but_not_the_batch_norm_rule(tmp_path):
+  """Kernels compute the same math (to float32 rounding); support statistics do not.
+  A config.json written before either field existed resumes under the defaults."""
+  cfg = preset("tiny")
+  old = json.loads(cfg.to_json())
+  del old["kernels"], old["batch_norm"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  check_or_write_config(tmp_path, cfg)                          # kernels: saved cpu, now auto
+  check_or_write_config(tmp_path, cfg.replace(kernels="reference"))
+  with pytest.raises(ConfigError, match="--batch_norm: saved 'batch' vs now 'support'"):
+    check_or_write_config(tmp_path, cfg.replace(batch_norm="support"))
+
+
+# Logits of preset("tiny", image_size=16)'s initial params on jax.random.uniform(key(7),
+# (4, 16, 16, 1)), computed at commit 24d9eca, before --kernels and --batch_norm existed.
+_LOGITS_BEFORE_KERNELS = {
+    "strided": [[0.42603, -0.27976, 0.06723], [-0.40752, 1.04164, 0.15774],
+                [0.85419, 1.07389, 1.98404], [-0.05491, -0.91874, 0.07757]],
+    "maxpool": [[-0.0473, 0.4757, 0.80408], [0.23793, 0.53134, 1.53998],
+                [0.73915, 1.46884, 2.05898], [0.39571, 0.34827, 1.45233]],
+}
+
+
+@pytest.mark.parametrize("model", ["strided", "maxpool"])
+def test_checkpoint_from_before_kernels_loads_and_gives_the_same_logits(tmp_path, model):
+  cfg = preset("tiny", image_size=16, model=model)
+  tree = state_to_tree(initial_state(build_experiment(cfg, (16, 16, 1)), cfg.seed), cfg)
+  del tree["config"]["kernels"], tree["config"]["batch_norm"]
+  checkpoint.save_checkpoint(tmp_path / "checkpoints", 3, tree)
+  run = load_checkpointed_run(tmp_path)
+  assert (run.step, run.cfg.kernels, run.cfg.batch_norm) == (3, "cpu", "batch")
+  x = jax.random.uniform(jax.random.key(7), (4, 16, 16, 1))
+  np.testing.assert_allclose(run.exp.learner.apply_fn(run.meta_params["model"], x),
+                             _LOGITS_BEFORE_KERNELS[model], atol=2e-5)
+
+
 def test_missing_data_folder_says_where_to_put_the_files(tmp_path, isolated_cache):
   with pytest.raises(DataError, match="images_background.zip"):
     train(preset("tiny", data_dir=str(tmp_path / "nowhere")), tmp_path / "work")
 
 
-def test_train_step_compiles_once_and_learns():
-  cfg = preset("tiny", n_way=3, k_shot=2, q_query=2, filters=8, meta_batch_size=4, outer_lr=3e-3)
+@pytest.mark.parametrize("batch_norm", ["batch", "support"])
+def test_train_step_compiles_once_and_learns(batch_norm):
+  cfg = preset("tiny", n_way=3, k_shot=2, q_query=2, filters=8, meta_batch_size=4, outer_lr=3e-3,
+               batch_norm=batch_norm)
   exp = build_experiment(cfg, (8, 8, 1))
   rng = np.random.default_rng(0)
   patterns = rng.integers(0, 256, (6, 1, 8, 8))
@@ -93,6 +136,7 @@ def test_train_step_compiles_once_and_learns():
                            exp.optimizer)
   step = make_train_step(exp.learner, natural, exp.optimizer, meta_batch_size=4, n_way=3, k_shot=2,
                          q_query=2, jit=False)
+  chex.clear_trace_counter()  # the other parametrisation's step has the same name
   step = jax.jit(chex.assert_max_traces(step, n=1), donate_argnums=0)
   key, pool = jax.random.key(1), jax.numpy.asarray(pool)
   losses = []

@@ -13,31 +13,23 @@ from advmaml.evaluation import _evaluate_batch, evaluate_episodes
 from advmaml.training import build_experiment
 
 cfg = preset("tiny", n_way=3, k_shot=1, q_query=2, filters=8)
-exp = build_experiment(cfg, (16, 16, 1))
-meta = exp.learner.init_meta_params(exp.model.init(jax.random.key(0)))
+# The CPU kernels sized for one device's share of the cores, for each layout.
+exps = {n: build_experiment(cfg, (16, 16, 1), n) for n in (1, 4)}
+meta = exps[1].learner.init_meta_params(exps[1].model.init(jax.random.key(0)))
 pool = np.random.default_rng(0).integers(0, 256, (12, 20, 16, 16), dtype=np.uint8)
-pgd_metric = robust_eval.make_metric_fn(["pgd"], [0.05], n_way=3, inner_steps=2, steps=3)
-traced_devices = []  # what the model code sees while an evaluation batch is traced
-
-
-def metric(learner, meta_params, episode, key):
-  traced_devices.append(sharding.traced_device_count())
-  return pgd_metric(learner, meta_params, episode, key)
-
+metric = robust_eval.make_metric_fn(["pgd"], [0.05], n_way=3, inner_steps=2, steps=3)
 
 kw = dict(num_episodes=10, n_way=3, k_shot=1, q_query=2, inner_steps=2, batch_tasks=6,
           metric_fn=metric)
-summary, traced = {}, {}
+summary = {}
 for n in (1, 4):
-  traced_devices.clear()
-  summary[n] = evaluate_episodes(exp.learner, meta, pool, jax.random.key(3), **kw,
+  summary[n] = evaluate_episodes(exps[n].learner, meta, pool, jax.random.key(3), **kw,
                                  mesh=sharding.make_mesh(n) if n > 1 else None)
-  traced[n] = sorted(set(traced_devices))
 per_episode, devices_used = {}, {}
 for n in (1, 4):
   mesh = sharding.make_mesh(n)
   out = _evaluate_batch(sharding.replicate(meta, mesh), sharding.replicate(pool, mesh),
-                        jax.random.key(3), 0, learner=exp.learner, metric_fn=metric, n_way=3,
+                        jax.random.key(3), 0, learner=exps[n].learner, metric_fn=metric, n_way=3,
                         k_shot=1, q_query=2, batch_tasks=8, mesh=mesh)
   devices_used[n] = len(out["clean_accuracy"].sharding.device_set)
   per_episode[n] = jax.device_get(out)
@@ -46,7 +38,8 @@ summary_diff = max(abs(summary[1][k][s] - summary[4][k][s])
                    for k in summary[1] for s in ("mean", "std"))
 print(json.dumps({"devices": jax.device_count(), "devices_used_1": devices_used[1],
                   "devices_used_4": devices_used[4], "per_episode_max_diff": diff,
-                  "traced_devices_1": traced[1], "traced_devices_4": traced[4],
+                  "budget_1": exps[1].model.kernels.budget.threshold_bytes,
+                  "budget_4": exps[4].model.kernels.budget.threshold_bytes,
                   "summary_max_diff": summary_diff, "n": summary[4]["clean_accuracy"]["n"],
                   "metrics": sorted(per_episode[4]),
                   "robust_mean": summary[4]["robust_accuracy@0.05"]["mean"],
