@@ -32,7 +32,7 @@ from experiments import cli, malloc_flag
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, or a checkpoint folder/file.",
                               required=True)
-SPLIT = flags.DEFINE_string("split", "test", "Class split to evaluate on: train, val or test.")
+SPLIT = flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Class split to evaluate on.")
 EPISODES = flags.DEFINE_integer("episodes", None, "Number of episodes (default: the run's test_episodes, 600).")
 SEED = flags.DEFINE_integer("seed", 0, "Seed of the evaluation episodes.")
 INNER_STEPS = flags.DEFINE_integer("inner_steps", None, "Adaptation steps (default: the run's eval_inner_steps).")
