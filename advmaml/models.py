@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -38,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from advmaml import sharding
+from advmaml import host, sharding
 
 CONV_IMPLS = ("im2col", "taps", "winograd", "xla")
 VARIANTS = ("strided", "maxpool")
@@ -145,11 +144,7 @@ CHUNKED_STRIDES = (1,)
 def _cpu_cores_per_device() -> int:
   """Cores for each device of the step being traced: simulated CPU devices share
   this process's cores (``sharding.traced_for_devices``; one device gets them all)."""
-  try:
-    cores = len(os.sched_getaffinity(0))
-  except AttributeError:  # not on Linux
-    cores = os.cpu_count() or 1
-  return max(1, cores // sharding.traced_device_count())
+  return max(1, host.usable_cores() // sharding.traced_device_count())
 
 
 def _image_chunks(num_images: int, patch_bytes_per_image: int,

@@ -219,10 +219,15 @@ def _train_locked(cfg: Config, workdir: pathlib.Path, trust_unverified: bool) ->
                              image_size=cfg.image_size, tfds_data_dir=cfg.tfds_data_dir)
   validate_against_data(cfg, {name: s.images for name, s in splits.items()})
   try:
-    mesh = sharding.make_mesh(cfg.num_devices)
+    devices = cfg.num_devices or sharding.dividing_device_count(cfg.meta_batch_size)
+    mesh = sharding.make_mesh(devices)
     sharding.check_divisible(cfg.meta_batch_size, mesh)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  if mesh.devices.size < jax.device_count():
+    logging.info("--meta_batch_size=%d does not split over all %d devices: using %d "
+                 "(--num_devices chooses)", cfg.meta_batch_size, jax.device_count(),
+                 mesh.devices.size)
   check_saved_config(workdir, cfg)
 
   exp = build_experiment(cfg, image_shape_of(splits["train"].images))

@@ -10,6 +10,10 @@ float32 matmul peak and, per workload, median/min/max throughput, compile
 time, FLOPs per step, achieved GFLOP/s, fraction of peak and peak memory.
 """
 
+# First, before anything imports JAX: the host device count is fixed when JAX starts.
+from advmaml import host
+HOST_DEVICES = host.use_all_cpu_cores()
+
 import json
 import pathlib
 
@@ -44,6 +48,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   keep_freed_memory = malloc_flag.apply()
+  logging.info(HOST_DEVICES)
   names = sorted(benchmark.WORKLOADS) if ALL.value else CONFIG.value
   unknown = [n for n in names if n not in benchmark.WORKLOADS]
   if unknown or not names:

@@ -18,6 +18,10 @@ settings are recorded under "attack", and (unless --noplot)
 are written.
 """
 
+# First, before anything imports JAX: the host device count is fixed when JAX starts.
+from advmaml import host
+HOST_DEVICES = host.use_all_cpu_cores()
+
 import pathlib
 
 import jax
@@ -76,6 +80,7 @@ def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   malloc_flag.apply()
+  logging.info(HOST_DEVICES)
   if EPISODES.value is not None and EPISODES.value < 1:
     raise app.UsageError(f"--episodes={EPISODES.value} must be at least 1")
   if INNER_STEPS.value is not None and INNER_STEPS.value < 0:

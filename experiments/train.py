@@ -6,6 +6,10 @@ r"""Meta-train a few-shot learner.
 Running again with the same --workdir resumes from its newest checkpoint.
 """
 
+# First, before anything imports JAX: the host device count is fixed when JAX starts.
+from advmaml import host
+HOST_DEVICES = host.use_all_cpu_cores()
+
 import jax
 from absl import app, flags, logging
 
@@ -30,6 +34,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   malloc_flag.apply()
+  logging.info(HOST_DEVICES)
   if COORDINATOR.value or DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=COORDINATOR.value,
                                num_processes=NUM_PROCESSES.value, process_id=PROCESS_ID.value)
