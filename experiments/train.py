@@ -27,6 +27,8 @@ NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number 
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with "
                                 "settings detected from the cluster environment.")
+TENSORBOARD = flags.DEFINE_bool("tensorboard", True, "Also write the logged metrics as "
+                                "TensorBoard scalars in <workdir>/tensorboard/ (tensorboardX).")
 config_flags.define_config_flags()
 
 
@@ -42,7 +44,8 @@ def main(argv):
     cfg = config_flags.config_from_flags()
     validate(cfg)   # before the config is printed: NaN is refused, not printed
     logging.info("Config:\n%s", cfg.to_json())
-    train(cfg, WORKDIR.value, trust_unverified=cli.TRUST_UNVERIFIED.value)
+    train(cfg, WORKDIR.value, trust_unverified=cli.TRUST_UNVERIFIED.value,
+          tensorboard=TENSORBOARD.value)
 
 
 if __name__ == "__main__":
