@@ -34,6 +34,7 @@ from advmaml.maml import Learner
 from advmaml.meta_step import TrainState, init_train_state, make_train_step
 from advmaml.models import ModelSpec, make_model
 from advmaml.objectives import get_objective
+from advmaml.progress import format_duration
 from advmaml.tensorboard_scalars import ScalarWriter
 from advmaml.workdir import (METRICS_FILE, WorkdirLock, append_metrics, atomic_write_text,
                              prepare_workdir, truncate_metrics)
@@ -179,11 +180,6 @@ def check_saved_config(workdir: pathlib.Path, cfg: Config) -> None:
   _refuse_other_settings(str(path), saved, cfg)
 
 
-def _format_duration(seconds: float) -> str:
-  seconds = int(seconds)
-  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
-
-
 class DivergedError(Exception):
   """A non-finite loss, gradient or parameter stopped the run; the message names the step."""
 
@@ -310,8 +306,8 @@ def _train_locked(cfg: Config, workdir: pathlib.Path, trust_unverified: bool,
       scalars.write(last, outer_lr=cfg.outer_lr, inner_lr=_inner_lr(cfg, state.meta_params))
       logging.info("step %d/%d | loss %.4f acc %.3f | %.2f steps/s | elapsed %s | left %s",
                    step, cfg.num_steps, means["loss"], means["accuracy"], rate,
-                   _format_duration(now - t_start),
-                   _format_duration((cfg.num_steps - step) / max(rate, 1e-9)))
+                   format_duration(now - t_start),
+                   format_duration((cfg.num_steps - step) / max(rate, 1e-9)))
     if eval_now:
       val = evaluate_episodes(exp.learner, state.meta_params, val_pool, val_key,
                               num_episodes=cfg.val_episodes, n_way=cfg.n_way, k_shot=cfg.k_shot,
@@ -333,5 +329,5 @@ def _train_locked(cfg: Config, workdir: pathlib.Path, trust_unverified: bool,
   scalars.close()
   if step > start_step:
     logging.info("Trained steps %d..%d in %s", start_step, step,
-                 _format_duration(time.time() - t_start))
+                 format_duration(time.time() - t_start))
   return last

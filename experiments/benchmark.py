@@ -20,6 +20,7 @@ import pathlib
 from absl import app, flags, logging
 
 from advmaml import benchmark, sharding
+from advmaml.progress import Progress
 from advmaml.models import CONV_IMPLS
 from advmaml.trained_runs import write_json
 from experiments import malloc_flag
@@ -83,6 +84,7 @@ def main(argv):
                                     ("task_chunk", TASK_CHUNK.value),
                                     ("train_attack_best", TRAIN_ATTACK_BEST.value)) if v is not None}
   results = []
+  progress = Progress("benchmark", len(names) * len(device_counts), "workloads", every_seconds=0)
   for name in names:
     work = benchmark.WORKLOADS[name]
     if overrides:
@@ -97,6 +99,7 @@ def main(argv):
             f"[{r['throughput_min']:.2f}-{r['throughput_max']:.2f}]  compile {r['compile_s']:5.1f}s  "
             f"{r['gflops_achieved']:6.1f} GFLOP/s ({100 * r['fraction_of_matmul_peak']:.0f}% of peak)  "
             f"mem {r['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+      progress.update(len(results))
   record = {"machine": benchmark.machine_info(), "matmul_peak": peak, "workloads": results,
             "settings": {"repeats": REPEATS.value, "min_steps": MIN_STEPS.value,
                          "min_seconds": MIN_SECONDS.value, "overrides": overrides,
