@@ -128,11 +128,12 @@ for _ways, _settings in ((5, _OMNIGLOT_5WAY), (20, _OMNIGLOT_20WAY)):
   for _k in (1, 5):   # K query examples per class, as in MAML's code
     _preset(f"omniglot_{_ways}w{_k}s", f"Omniglot {_ways}-way {_k}-shot, MAML's settings",
             dict(_settings, k_shot=_k, q_query=_k, eval_q_query=_k))
-for _name, _title, _settings in (("mini_imagenet", "Mini-ImageNet", _MINI_IMAGENET),
-                                 ("cifar_fs", "CIFAR-FS", _CIFAR_FS), ("fc100", "FC100", _FC100)):
+for _name, _title, _settings in (
+    ("mini_imagenet", "Mini-ImageNet 5-way {}-shot, MAML's settings", _MINI_IMAGENET),
+    ("cifar_fs", "CIFAR-FS 5-way {}-shot, MAML's Mini-ImageNet settings", _CIFAR_FS),
+    ("fc100", "FC100 5-way {}-shot, MAML's Mini-ImageNet settings", _FC100)):
   for _k in (1, 5):
-    _preset(f"{_name}_5w{_k}s", f"{_title} 5-way {_k}-shot, MAML's Mini-ImageNet settings",
-            dict(_settings, n_way=5, k_shot=_k))
+    _preset(f"{_name}_5w{_k}s", _title.format(_k), dict(_settings, n_way=5, k_shot=_k))
 _preset("tiny", "3-way, 4 steps: seconds, for tests and smoke runs",
         dict(n_way=3, k_shot=1, q_query=2, eval_q_query=2, filters=8, meta_batch_size=2,
              inner_steps=1, eval_inner_steps=2, num_steps=4, log_every=2, eval_every=0,
