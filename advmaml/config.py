@@ -218,7 +218,7 @@ def validate(cfg: Config) -> None:
                       f"{cfg.meta_batch_size}, or be 0 (all tasks at once) or -1 (auto)")
   if not cfg.inner_lr >= 0:
     raise ConfigError(f"--inner_lr={cfg.inner_lr} must be >= 0")
-  for name, choices in CHOICES.items():   # dataset and split: check_protocol, above
+  for name, choices in CHOICES.items():   # dataset and split pass: check_protocol checked them
     value, allowed = getattr(cfg, name), choices()
     if value not in allowed:
       raise ConfigError(f"--{name}={value!r}; choose one of {allowed}")
