@@ -59,3 +59,13 @@ def test_validate_checks_every_enum_field():
     with pytest.raises(ConfigError, match=f"--{name}='bogus'; choose one of"):
       validate(preset("tiny", **{name: "bogus"}))
   assert set(CHOICES["split"]()) == {"vinyals", "lake", "ravi", "bertinetto", "oreshkin"}
+
+
+def test_the_evaluation_flags_with_fixed_values_are_enums_too():
+  out = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--helpfull"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+  text = "".join(line.strip() for line in out.stdout.splitlines())
+  for listed in ("--split: <train|val|test>", "--norm: <linf|l2>",
+                 "--attack_target: <query|support|both>",
+                 "--attack_preset: <fast|strong|autoattack>"):
+    assert listed in text, listed
