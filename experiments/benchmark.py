@@ -20,8 +20,8 @@ import pathlib
 from absl import app, flags, logging
 
 from advmaml import benchmark, sharding
-from advmaml.progress import Progress
 from advmaml.models import CONV_IMPLS
+from advmaml.progress import Progress
 from advmaml.trained_runs import write_json
 from experiments import malloc_flag
 
