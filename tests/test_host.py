@@ -95,10 +95,11 @@ def test_the_users_xla_flags_win_and_other_platforms_are_left_alone(monkeypatch)
   assert got["devices"] == 3 and "as set by XLA_FLAGS" in got["note"]
   # 32 tasks split over 2 of the 3 devices, 9 over 3, 7 over 1.
   assert got["dividing"] == [2, 3, 1]
+  # In this process as if JAX had not started (other tests may have imported it).
+  monkeypatch.delitem(sys.modules, "jax", raising=False)
   env = {"JAX_PLATFORMS": "tpu"}
   assert host.use_all_cpu_cores(env) == "host devices: left alone (JAX_PLATFORMS=tpu)"
   assert env == {"JAX_PLATFORMS": "tpu"}
-  monkeypatch.delitem(sys.modules, "jax", raising=False)
   env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_cpu_enable_fast_min_max=true"}
   host.use_all_cpu_cores(env)    # the user's other options are kept
   assert env["XLA_FLAGS"] == ("--xla_cpu_enable_fast_min_max=true "
