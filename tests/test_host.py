@@ -58,6 +58,8 @@ def test_keep_freed_memory_reports_whether_it_applied(monkeypatch):
 # What an entry point sees: experiments.train sets XLA_FLAGS at import, then JAX starts.
 _DEVICES_PROBE = textwrap.dedent("""
     import json, os, sys
+    if len(sys.argv) > 1:   # as taskset would start it
+      os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")})
     import experiments.train as entry
     import jax
     from advmaml import sharding
@@ -71,9 +73,10 @@ def _probe_devices(env_changes: dict, cores: set | None = None) -> dict:
   import json, os  # pylint: disable=import-outside-toplevel,multiple-imports
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env.update(env_changes)
-  out = subprocess.run([sys.executable, "-c", _DEVICES_PROBE], capture_output=True, text=True,
-                       env=env, cwd=host.__file__.rsplit("/advmaml/", 1)[0], timeout=120,
-                       preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+  cpus = [",".join(map(str, sorted(cores)))] if cores else []
+  out = subprocess.run([sys.executable, "-c", _DEVICES_PROBE, *cpus], capture_output=True,
+                       text=True, env=env, cwd=host.__file__.rsplit("/advmaml/", 1)[0],
+                       timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
