@@ -1,7 +1,7 @@
 """Experiment configuration: one flat dataclass, named presets, validation.
 
 Every field is settable from the command line as ``--<field>=...`` (see
-``experiments/flags.py``); a preset fills in the rest. The resolved config is
+``experiments/config_flags.py``); a preset fills in the rest. The resolved config is
 written to ``<workdir>/config.json`` so that evaluation and resume use exactly
 the settings the run was trained with.
 """
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import importlib
 import math
-from typing import Any
+from typing import Any, Callable
 
 
 class ConfigError(ValueError):
@@ -118,22 +119,59 @@ _MINI_IMAGENET = dict(dataset="mini_imagenet", split="ravi", rotate=False, image
 _CIFAR_FS = dict(_MINI_IMAGENET, dataset="cifar_fs", split="bertinetto", image_size=32)
 _FC100 = dict(_MINI_IMAGENET, dataset="fc100", split="oreshkin", image_size=32)
 
+# name -> settings over the Config defaults, and name -> one line for --preset's help.
+PRESETS: dict[str, dict[str, Any]] = {}
+PRESET_HELP: dict[str, str] = {}
+
+
+def _preset(name: str, help_line: str, settings: dict[str, Any]) -> None:
+  PRESETS[name], PRESET_HELP[name] = settings, help_line
+
+
 # MAML paper (Finn et al. 2017) Omniglot settings: Adam 1e-3, 10 inner steps at test.
-PRESETS: dict[str, dict[str, Any]] = {
-    "omniglot_5w1s": dict(_OMNIGLOT_5WAY, k_shot=1, q_query=1, eval_q_query=1),
-    "omniglot_5w5s": dict(_OMNIGLOT_5WAY, k_shot=5, q_query=5, eval_q_query=5),
-    "omniglot_20w1s": dict(_OMNIGLOT_20WAY, k_shot=1, q_query=1, eval_q_query=1),
-    "omniglot_20w5s": dict(_OMNIGLOT_20WAY, k_shot=5, q_query=5, eval_q_query=5),
-    "mini_imagenet_5w1s": dict(_MINI_IMAGENET, n_way=5, k_shot=1),
-    "mini_imagenet_5w5s": dict(_MINI_IMAGENET, n_way=5, k_shot=5),
-    "cifar_fs_5w1s": dict(_CIFAR_FS, n_way=5, k_shot=1),
-    "cifar_fs_5w5s": dict(_CIFAR_FS, n_way=5, k_shot=5),
-    "fc100_5w1s": dict(_FC100, n_way=5, k_shot=1),
-    "fc100_5w5s": dict(_FC100, n_way=5, k_shot=5),
-    # A few-second configuration for tests and smoke runs.
-    "tiny": dict(n_way=3, k_shot=1, q_query=2, eval_q_query=2, filters=8, meta_batch_size=2,
-                 inner_steps=1, eval_inner_steps=2, num_steps=4, log_every=2, eval_every=0,
-                 val_episodes=4, checkpoint_every=2, test_episodes=6, eval_batch_tasks=4),
+for _ways, _settings in ((5, _OMNIGLOT_5WAY), (20, _OMNIGLOT_20WAY)):
+  for _k in (1, 5):   # K query examples per class, as in MAML's code
+    _preset(f"omniglot_{_ways}w{_k}s", f"Omniglot {_ways}-way {_k}-shot, MAML's settings",
+            dict(_settings, k_shot=_k, q_query=_k, eval_q_query=_k))
+for _name, _title, _settings in (
+    ("mini_imagenet", "Mini-ImageNet 5-way {}-shot, MAML's settings", _MINI_IMAGENET),
+    ("cifar_fs", "CIFAR-FS 5-way {}-shot, MAML's Mini-ImageNet settings", _CIFAR_FS),
+    ("fc100", "FC100 5-way {}-shot, MAML's Mini-ImageNet settings", _FC100)):
+  for _k in (1, 5):
+    _preset(f"{_name}_5w{_k}s", _title.format(_k), dict(_settings, n_way=5, k_shot=_k))
+_preset("tiny", "3-way, 4 steps: seconds, for tests and smoke runs",
+        dict(n_way=3, k_shot=1, q_query=2, eval_q_query=2, filters=8, meta_batch_size=2,
+             inner_steps=1, eval_inner_steps=2, num_steps=4, log_every=2, eval_every=0,
+             val_episodes=4, checkpoint_every=2, test_episodes=6, eval_batch_tasks=4))
+
+BATCH_NORMS = ("batch", "support")
+_TRAIN_ATTACKS = ("fgsm", "pgd", "apgd")
+_TRAIN_NORMS = ("linf", "l2")
+
+
+def _registry(module: str, name: str, transform=tuple) -> Callable[[], tuple[str, ...]]:
+  """A function returning ``transform(module.name)``, importing the module only when called."""
+  return lambda: tuple(transform(getattr(importlib.import_module(module), name)))
+
+
+def _all_splits(protocols: dict) -> tuple[str, ...]:
+  return tuple(dict.fromkeys(p for names in protocols.values() for p in names))
+
+
+# Config fields with a fixed set of values: name -> a zero-argument function returning
+# them, read when called so that a newly registered objective or model appears by
+# itself (the registries import JAX; this module does not). experiments/config_flags.py
+# makes each an enum flag; validate() checks each. A new field's choices: one line here.
+CHOICES: dict[str, Callable[[], tuple[str, ...]]] = {
+    "dataset": _registry("advmaml.data.sources", "DATASETS"),
+    "split": _registry("advmaml.data.sources", "PROTOCOLS", _all_splits),
+    "model": _registry("advmaml.models", "VARIANTS"),
+    "kernels": _registry("advmaml.kernels", "KERNELS"),
+    "conv_impl": _registry("advmaml.kernels", "CONV_IMPLS"),
+    "batch_norm": lambda: BATCH_NORMS,
+    "objective": _registry("advmaml.objectives", "OBJECTIVES", sorted),
+    "train_attack": lambda: _TRAIN_ATTACKS,
+    "train_norm": lambda: _TRAIN_NORMS,
 }
 
 
@@ -169,8 +207,7 @@ def _finite_floats(cfg: Config) -> None:
 
 def validate(cfg: Config) -> None:
   """Checks what can be checked without data; raises ConfigError naming the flag."""
-  from advmaml import kernels, models, objectives  # local: keep config import-light
-  from advmaml.data import sources
+  from advmaml.data import sources  # local: keep config import-light
   try:
     sources.check_protocol(cfg.dataset, cfg.split, cfg.rotate)
   except ValueError as e:
@@ -189,33 +226,18 @@ def validate(cfg: Config) -> None:
                       f"{cfg.meta_batch_size}, or be 0 (all tasks at once) or -1 (auto)")
   if not cfg.inner_lr >= 0:
     raise ConfigError(f"--inner_lr={cfg.inner_lr} must be >= 0")
-  if cfg.model not in models.VARIANTS:
-    raise ConfigError(f"--model={cfg.model!r}; choose one of {models.VARIANTS}")
-  if cfg.batch_norm not in BATCH_NORMS:
-    raise ConfigError(f"--batch_norm={cfg.batch_norm!r}; choose one of {BATCH_NORMS}")
-  if cfg.kernels not in kernels.KERNELS:
-    raise ConfigError(f"--kernels={cfg.kernels!r}; choose one of {kernels.KERNELS}")
-  if cfg.conv_impl not in kernels.CONV_IMPLS:
-    raise ConfigError(f"--conv_impl={cfg.conv_impl!r}; choose one of {kernels.CONV_IMPLS}")
+  for name, choices in CHOICES.items():   # dataset and split pass: check_protocol checked them
+    value, allowed = getattr(cfg, name), choices()
+    if value not in allowed:
+      raise ConfigError(f"--{name}={value!r}; choose one of {allowed}")
   if cfg.kernels == "reference" and cfg.conv_impl != "im2col":
     raise ConfigError(f"--conv_impl={cfg.conv_impl!r} chooses the cpu kernels' convolution; "
                       "use --kernels=cpu with it (--kernels=reference always runs lax.conv)")
-  if cfg.objective not in objectives.OBJECTIVES:
-    raise ConfigError(f"--objective={cfg.objective!r}; choose one of {sorted(objectives.OBJECTIVES)}")
   _validate_train_attack(cfg)
-
-
-BATCH_NORMS = ("batch", "support")
-_TRAIN_ATTACKS = ("fgsm", "pgd", "apgd")
-_TRAIN_NORMS = ("linf", "l2")
 
 
 def _validate_train_attack(cfg: Config) -> None:
   """The training-time attack flags. ``not x >= 0`` also rejects NaN."""
-  if cfg.train_attack not in _TRAIN_ATTACKS:
-    raise ConfigError(f"--train_attack={cfg.train_attack!r}; choose one of {_TRAIN_ATTACKS}")
-  if cfg.train_norm not in _TRAIN_NORMS:
-    raise ConfigError(f"--train_norm={cfg.train_norm!r}; choose one of {_TRAIN_NORMS}")
   for name in ("train_epsilon", "trades_beta", "rmaml_beta"):
     if not getattr(cfg, name) >= 0:
       raise ConfigError(f"--{name}={getattr(cfg, name)} must be >= 0")

@@ -20,6 +20,7 @@ from advmaml import sharding
 from advmaml.data.episodes import Episode, sample_episode
 from advmaml.maml import Learner
 from advmaml.meta_step import AUTO_TASK_CHUNK, resolve_task_chunk
+from advmaml.progress import Progress
 
 # (learner, meta_params, episode, key) -> dict of per-episode scalars.
 EpisodeMetricFn = Callable[[Learner, dict, Episode, jax.Array], dict]
@@ -108,11 +109,14 @@ def evaluate_episodes(learner: Learner, meta_params: dict, pool, key, *, num_epi
   pool = sharding.replicate(jnp.asarray(pool), mesh)
   meta_params = sharding.replicate(meta_params, mesh)
   chunks = []
+  # A line every progress.EVERY_SECONDS (600 episodes under attack take minutes).
+  progress = Progress("evaluation", num_episodes, "episodes")
   for start in range(0, num_episodes, batch_tasks):
     out = _evaluate_batch(meta_params, pool, key, start, learner=learner, metric_fn=metric_fn,
                           n_way=n_way, k_shot=k_shot, q_query=q_query, batch_tasks=batch_tasks,
                           mesh=mesh)
     chunks.append(jax.device_get(out))
+    progress.update(min(start + batch_tasks, num_episodes))
   per_episode = {name: np.concatenate([c[name] for c in chunks])[:num_episodes]
                  for name in chunks[0]}
   return {name: mean_and_ci95(values) for name, values in per_episode.items()}

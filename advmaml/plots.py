@@ -1,4 +1,4 @@
-"""Figures of robust evaluation results, as PNG files (matplotlib, Agg, no display).
+"""Figures of robust evaluation results and training curves, as PNG files (matplotlib, Agg, no display).
 
 Figures are built on a bare ``Figure`` with an Agg canvas rather than pyplot,
 so no global state or GUI backend is touched, and written atomically (temp
@@ -95,6 +95,29 @@ def plot_robustness_curve(results: Mapping, path: str | os.PathLike, *, title: s
   return _save(fig, path)
 
 
+def plot_validation_curves(curves: Mapping[str, list], path: str | os.PathLike, *,
+                           title: str | None = None) -> pathlib.Path:
+  """Validation accuracy against meta-steps, one line per run (95% CI band); returns the PNG path.
+
+  curves: {label: [(step, accuracy, ci95), ...]}, accuracy in [0, 1].
+  """
+  fig = Figure(figsize=(5.0, 3.6))
+  ax = fig.add_subplot(1, 1, 1)
+  for label, points in curves.items():
+    steps, mean, ci = (np.array(c, np.float64) for c in zip(*sorted(points)))
+    ci = np.where(np.isfinite(ci), ci, 0.0)   # n=1 has a NaN interval
+    (line,) = ax.plot(steps, 100 * mean, marker=".", label=label)
+    ax.fill_between(steps, 100 * (mean - ci), 100 * (mean + ci), color=line.get_color(), alpha=0.2)
+  ax.set_xlabel("meta-steps")
+  ax.set_ylabel("validation accuracy (%)")
+  ax.grid(True, alpha=0.3)
+  if title:
+    ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 def _as_images(x) -> np.ndarray:
   """(B, H, W[, C]) -> (B, H, W) grey or (B, H, W, 3) colour, float in [0, 1]."""
   x = np.asarray(x, np.float32)
@@ -140,4 +163,5 @@ def plot_adversarial_grid(clean_x, adv_x, y, clean_pred, adv_pred, path: str | o
   return _save(fig, path)
 
 
-__all__ = ["plot_robustness_curve", "plot_adversarial_grid", "robustness_points"]
+__all__ = ["plot_robustness_curve", "plot_adversarial_grid", "plot_validation_curves",
+           "robustness_points"]

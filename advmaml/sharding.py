@@ -26,6 +26,12 @@ def make_mesh(num_devices: int = 0) -> Mesh:
   return Mesh(np.array(devices[:num_devices or len(devices)]), (TASK_AXIS,))
 
 
+def dividing_device_count(num_tasks: int) -> int:
+  """The most devices, up to all of them, over which ``num_tasks`` tasks split evenly
+  (what ``--num_devices=0`` means for training: 32 tasks on 6 devices use 4)."""
+  return max(n for n in range(1, len(jax.devices()) + 1) if num_tasks % n == 0)
+
+
 def device_count(mesh: Mesh | None) -> int:
   """Devices a step on ``mesh`` is split over (1 without a mesh)."""
   return 1 if mesh is None else mesh.devices.size

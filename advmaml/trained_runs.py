@@ -8,6 +8,7 @@ import os
 import pathlib
 
 import jax
+from absl import logging
 
 from advmaml import checkpoint, sharding
 from advmaml.config import Config, ConfigError, validate_against_data
@@ -95,6 +96,8 @@ def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_
     mesh = sharding.make_mesh(num_devices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  logging.info("Evaluation episodes split over %d %s device(s)", mesh.devices.size,
+               mesh.devices.flat[0].platform)
   validate_against_data(cfg, {split: splits[split].images})
   num_episodes = cfg.test_episodes if num_episodes is None else num_episodes
   inner_steps = cfg.eval_inner_steps if inner_steps is None else inner_steps

@@ -34,6 +34,8 @@ from advmaml.maml import Learner
 from advmaml.meta_step import TrainState, init_train_state, make_train_step
 from advmaml.models import ModelSpec, make_model
 from advmaml.objectives import get_objective
+from advmaml.progress import format_duration
+from advmaml.tensorboard_scalars import ScalarWriter
 from advmaml.workdir import (METRICS_FILE, WorkdirLock, append_metrics, atomic_write_text,
                              prepare_workdir, truncate_metrics)
 
@@ -186,11 +188,6 @@ def check_saved_config(workdir: pathlib.Path, cfg: Config) -> None:
   _refuse_other_settings(str(path), saved, cfg)
 
 
-def _format_duration(seconds: float) -> str:
-  seconds = int(seconds)
-  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
-
-
 class DivergedError(Exception):
   """A non-finite loss, gradient or parameter stopped the run; the message names the step."""
 
@@ -208,8 +205,12 @@ def _check_finite(pending: list[dict], first_step: int, last_ckpt: str, cfg: Con
           f"--inner_lr (now {cfg.inner_lr})")
 
 
-def train(cfg: Config, workdir: str | os.PathLike, *, trust_unverified: bool = False) -> dict:
+def train(cfg: Config, workdir: str | os.PathLike, *, trust_unverified: bool = False,
+          tensorboard: bool = True) -> dict:
   """Meta-trains (or resumes) a run in ``workdir``; returns the last logged metrics.
+
+  tensorboard: also write the logged metrics as TensorBoard scalars in
+  ``<workdir>/tensorboard/`` (``advmaml.tensorboard_scalars``).
 
   One process at a time may train in a workdir (`workdir.WorkdirLock`).
   Nothing in the workdir is written before the settings, the data and the
@@ -218,19 +219,33 @@ def train(cfg: Config, workdir: str | os.PathLike, *, trust_unverified: bool = F
   validate(cfg)
   workdir = prepare_workdir(workdir)
   with WorkdirLock(workdir):
-    return _train_locked(cfg, workdir, trust_unverified)
+    return _train_locked(cfg, workdir, trust_unverified, tensorboard)
 
 
-def _train_locked(cfg: Config, workdir: pathlib.Path, trust_unverified: bool) -> dict:
+def _inner_lr(cfg: Config, meta_params: dict) -> float:
+  """The inner learning rate: the configured one, or the mean of Meta-SGD's learned ones."""
+  if not cfg.meta_sgd:
+    return cfg.inner_lr
+  leaves = jax.device_get(jax.tree.leaves(meta_params["inner_lr"]))
+  return float(sum(np.sum(x) for x in leaves) / sum(np.size(x) for x in leaves))
+
+
+def _train_locked(cfg: Config, workdir: pathlib.Path, trust_unverified: bool,
+                  tensorboard: bool) -> dict:
   splits = load_class_splits(cfg.dataset, data_dir=cfg.data_dir, split=cfg.split,
                              split_seed=cfg.split_seed, rotate=cfg.rotate,
                              image_size=cfg.image_size, tfds_data_dir=cfg.tfds_data_dir)
   validate_against_data(cfg, {name: s.images for name, s in splits.items()})
   try:
-    mesh = sharding.make_mesh(cfg.num_devices)
+    devices = cfg.num_devices or sharding.dividing_device_count(cfg.meta_batch_size)
+    mesh = sharding.make_mesh(devices)
     sharding.check_divisible(cfg.meta_batch_size, mesh)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  if mesh.devices.size < jax.device_count():
+    logging.info("--meta_batch_size=%d does not split over all %d devices: using %d "
+                 "(--num_devices chooses)", cfg.meta_batch_size, jax.device_count(),
+                 mesh.devices.size)
   check_saved_config(workdir, cfg)
 
   exp = build_experiment(cfg, image_shape_of(splits["train"].images), sharding.device_count(mesh))
@@ -256,6 +271,8 @@ def _train_locked(cfg: Config, workdir: pathlib.Path, trust_unverified: bool) ->
   # Validation passed: only now is anything in the workdir (re)written.
   atomic_write_text(workdir / "config.json", cfg.to_json() + "\n")
   truncate_metrics(metrics_path, step)
+  # Every write is flushed, so a run that raises keeps its points without a close.
+  scalars = ScalarWriter(workdir, step, enabled=tensorboard)
 
   _, train_key, val_key = run_keys(cfg.seed)
   state = sharding.replicate(state, mesh)
@@ -294,10 +311,11 @@ def _train_locked(cfg: Config, workdir: pathlib.Path, trust_unverified: bool) ->
       t_last, step_last = now, step
       last = {"step": step, "split": "train", **means, "steps_per_sec": rate}
       append_metrics(metrics_path, last)
+      scalars.write(last, outer_lr=cfg.outer_lr, inner_lr=_inner_lr(cfg, state.meta_params))
       logging.info("step %d/%d | loss %.4f acc %.3f | %.2f steps/s | elapsed %s | left %s",
                    step, cfg.num_steps, means["loss"], means["accuracy"], rate,
-                   _format_duration(now - t_start),
-                   _format_duration((cfg.num_steps - step) / max(rate, 1e-9)))
+                   format_duration(now - t_start),
+                   format_duration((cfg.num_steps - step) / max(rate, 1e-9)))
     if eval_now:
       val = evaluate_episodes(exp.learner, state.meta_params, val_pool, val_key,
                               num_episodes=cfg.val_episodes, n_way=cfg.n_way, k_shot=cfg.k_shot,
@@ -306,6 +324,7 @@ def _train_locked(cfg: Config, workdir: pathlib.Path, trust_unverified: bool) ->
       record = {"step": step, "split": "val", "accuracy": val["accuracy"]["mean"],
                 "ci95": val["accuracy"]["ci95"]}
       append_metrics(metrics_path, record)
+      scalars.write(record)
       logging.info("step %d | val accuracy %.4f +- %.4f", step, record["accuracy"], record["ci95"])
     if save_now:
       tree = state_to_tree(state, cfg, pending)
@@ -315,7 +334,8 @@ def _train_locked(cfg: Config, workdir: pathlib.Path, trust_unverified: bool) ->
             f"stopped without saving. The last checkpoint, all finite, is {last_ckpt}. Start "
             f"a new --workdir with a lower --outer_lr (now {cfg.outer_lr})")
       last_ckpt = str(checkpoint.save_checkpoint(ckpt_dir, step, tree, keep=cfg.keep_checkpoints))
+  scalars.close()
   if step > start_step:
     logging.info("Trained steps %d..%d in %s", start_step, step,
-                 _format_duration(time.time() - t_start))
+                 format_duration(time.time() - t_start))
   return last

@@ -5,6 +5,7 @@ Layout::
     train.lock             held (fcntl) by the one training process writing here; holds its pid
     config.json            resolved config of the run (atomic rewrite)
     metrics.jsonl          one JSON object per logged step (appended)
+    tensorboard/           the same metrics as TensorBoard scalars (advmaml.tensorboard_scalars)
     checkpoints/<step>/    see advmaml.checkpoint
 
 A crash (SIGKILL, a full disk) can leave at most the last line of

@@ -15,8 +15,8 @@ PRESETS = {
     "strong": dict(attacks="pgd,margin,apgd", attack_steps=100, restarts=5),
     "autoattack": dict(attacks="autoattack", attack_steps=100, restarts=1),
 }
-ATTACK_PRESET = flags.DEFINE_string(
-    "attack_preset", "fast",
+ATTACK_PRESET = flags.DEFINE_enum(
+    "attack_preset", "fast", list(PRESETS),
     "Attack budget by name: fast (pgd,margin,apgd, 20 steps, 1 restart), strong (the same with "
     "100 steps and 5 restarts), autoattack (AutoAttack's standard version: 100 steps, 1 restart "
     "per target, Square with --square_queries). --attacks, --attack_steps and --restarts given "
@@ -31,11 +31,11 @@ SQUARE_QUERIES = flags.DEFINE_integer("square_queries", 5000,
 EPSILONS = flags.DEFINE_string(
     "epsilons", "", "Comma list of attack radii, e.g. 0.025,0.05,0.1 (pixels in [0, 1]); "
     "empty: clean accuracy only.")
-NORM = flags.DEFINE_string("norm", "linf", "Threat model: linf or l2.")
+NORM = flags.DEFINE_enum("norm", "linf", list(robust_eval.NORMS), "Threat model.")
 ATTACK_STEPS = flags.DEFINE_integer("attack_steps", 20, "Iterations per attack restart (PGD, APGD).")
 RESTARTS = flags.DEFINE_integer("restarts", 1, "Random restarts per attack.")
-ATTACK_TARGET = flags.DEFINE_string(
-    "attack_target", "query",
+ATTACK_TARGET = flags.DEFINE_enum(
+    "attack_target", "query", list(robust_eval.TARGETS),
     "query: attack the query set after adapting on the clean support (evasion); support: "
     "perturb the support set before adaptation (poisoning); both: either or both.")
 PER_EXAMPLE = flags.DEFINE_bool(

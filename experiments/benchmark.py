@@ -10,6 +10,10 @@ float32 matmul peak and, per workload, median/min/max throughput, compile
 time, FLOPs per step, achieved GFLOP/s, fraction of peak and peak memory.
 """
 
+# First, before anything imports JAX: the host device count is fixed when JAX starts.
+from advmaml import host
+HOST_DEVICES = host.use_all_cpu_cores()
+
 import json
 import pathlib
 
@@ -17,6 +21,7 @@ from absl import app, flags, logging
 
 from advmaml import benchmark, sharding
 from advmaml.kernels import CONV_IMPLS, KERNELS
+from advmaml.progress import Progress
 from advmaml.trained_runs import write_json
 from experiments import malloc_flag
 
@@ -46,6 +51,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   keep_freed_memory = malloc_flag.apply()
+  logging.info(HOST_DEVICES)
   names = sorted(benchmark.WORKLOADS) if ALL.value else CONFIG.value
   unknown = [n for n in names if n not in benchmark.WORKLOADS]
   if unknown or not names:
@@ -81,6 +87,7 @@ def main(argv):
                                     ("task_chunk", TASK_CHUNK.value),
                                     ("train_attack_best", TRAIN_ATTACK_BEST.value)) if v is not None}
   results = []
+  progress = Progress("benchmark", len(names) * len(device_counts), "workloads", every_seconds=0)
   for name in names:
     work = benchmark.WORKLOADS[name]
     if overrides:
@@ -95,6 +102,7 @@ def main(argv):
             f"[{r['throughput_min']:.2f}-{r['throughput_max']:.2f}]  compile {r['compile_s']:5.1f}s  "
             f"{r['gflops_achieved']:6.1f} GFLOP/s ({100 * r['fraction_of_matmul_peak']:.0f}% of peak)  "
             f"mem {r['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+      progress.update(len(results))
   record = {"machine": benchmark.machine_info(), "matmul_peak": peak, "workloads": results,
             "settings": {"repeats": REPEATS.value, "min_steps": MIN_STEPS.value,
                          "min_seconds": MIN_SECONDS.value, "overrides": overrides,

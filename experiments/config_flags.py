@@ -1,7 +1,10 @@
 """absl flags for every Config field, plus --preset: flags -> Config.
 
 Each field of ``advmaml.config.Config`` becomes a flag of the same name with
-no default; only flags given on the command line override the preset.
+no default; only flags given on the command line override the preset. Fields
+with a fixed set of values (``advmaml.config.CHOICES``) are enum flags whose
+help lists the values, read from the registries when the flags are defined, so
+an objective or model registered before then appears by itself.
 """
 
 from __future__ import annotations
@@ -11,12 +14,19 @@ import typing
 
 from absl import flags
 
-from advmaml.config import Config, ConfigError, preset
+from advmaml.config import CHOICES, PRESET_HELP, Config, ConfigError, preset
 
 _DEFINERS = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool,
              str: flags.DEFINE_string}
 
-PRESET = flags.DEFINE_string("preset", "omniglot_5w1s", "Named preset (see advmaml.config.PRESETS).")
+
+def preset_help() -> str:
+  """--preset's help: one line per preset (advmaml.config.PRESETS)."""
+  return "Named preset of settings; the field flags override it:\n" + "\n".join(
+      f"{name}: {line}" for name, line in PRESET_HELP.items())
+
+
+PRESET = flags.DEFINE_enum("preset", "omniglot_5w1s", list(PRESET_HELP), preset_help())
 
 
 def _base_type(hint) -> type:
@@ -30,9 +40,12 @@ def define_config_flags() -> None:
   defaults = Config()
   hints = typing.get_type_hints(Config)
   for field in dataclasses.fields(Config):
-    kind = _base_type(hints[field.name])
-    _DEFINERS[kind](field.name, None,
-                    f"Overrides the preset's {field.name} (Config default: {getattr(defaults, field.name)!r}).")
+    help_text = (f"Overrides the preset's {field.name} (Config default: "
+                 f"{getattr(defaults, field.name)!r}).")
+    if field.name in CHOICES:
+      flags.DEFINE_enum(field.name, None, list(CHOICES[field.name]()), help_text)
+    else:
+      _DEFINERS[_base_type(hints[field.name])](field.name, None, help_text)
 
 
 def config_from_flags() -> Config:

@@ -18,6 +18,10 @@ settings are recorded under "attack", and (unless --noplot)
 are written.
 """
 
+# First, before anything imports JAX: the host device count is fixed when JAX starts.
+from advmaml import host
+HOST_DEVICES = host.use_all_cpu_cores()
+
 import pathlib
 
 import jax
@@ -32,7 +36,7 @@ from experiments import cli, malloc_flag
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, or a checkpoint folder/file.",
                               required=True)
-SPLIT = flags.DEFINE_string("split", "test", "Class split to evaluate on: train, val or test.")
+SPLIT = flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Class split to evaluate on.")
 EPISODES = flags.DEFINE_integer("episodes", None, "Number of episodes (default: the run's test_episodes, 600).")
 SEED = flags.DEFINE_integer("seed", 0, "Seed of the evaluation episodes.")
 INNER_STEPS = flags.DEFINE_integer("inner_steps", None, "Adaptation steps (default: the run's eval_inner_steps).")
@@ -76,6 +80,7 @@ def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   malloc_flag.apply()
+  logging.info(HOST_DEVICES)
   if EPISODES.value is not None and EPISODES.value < 1:
     raise app.UsageError(f"--episodes={EPISODES.value} must be at least 1")
   if INNER_STEPS.value is not None and INNER_STEPS.value < 0:

@@ -6,6 +6,10 @@ r"""Meta-train a few-shot learner.
 Running again with the same --workdir resumes from its newest checkpoint.
 """
 
+# First, before anything imports JAX: the host device count is fixed when JAX starts.
+from advmaml import host
+HOST_DEVICES = host.use_all_cpu_cores()
+
 import jax
 from absl import app, flags, logging
 
@@ -23,6 +27,8 @@ NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number 
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with "
                                 "settings detected from the cluster environment.")
+TENSORBOARD = flags.DEFINE_bool("tensorboard", True, "Also write the logged metrics as "
+                                "TensorBoard scalars in <workdir>/tensorboard/ (tensorboardX).")
 config_flags.define_config_flags()
 
 
@@ -30,6 +36,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   malloc_flag.apply()
+  logging.info(HOST_DEVICES)
   if COORDINATOR.value or DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=COORDINATOR.value,
                                num_processes=NUM_PROCESSES.value, process_id=PROCESS_ID.value)
@@ -37,7 +44,8 @@ def main(argv):
     cfg = config_flags.config_from_flags()
     validate(cfg)   # before the config is printed: NaN is refused, not printed
     logging.info("Config:\n%s", cfg.to_json())
-    train(cfg, WORKDIR.value, trust_unverified=cli.TRUST_UNVERIFIED.value)
+    train(cfg, WORKDIR.value, trust_unverified=cli.TRUST_UNVERIFIED.value,
+          tensorboard=TENSORBOARD.value)
 
 
 if __name__ == "__main__":

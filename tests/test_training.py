@@ -160,6 +160,11 @@ def test_train_and_evaluate_entry_points_end_to_end(fake_omniglot_dir, tmp_path)
              f"--data_dir={fake_omniglot_dir}", "--num_steps=4", "--eval_every=2", env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "steps/s" in out.stderr and "left" in out.stderr           # progress lines
+  # On CPU, one host device per usable core by default, the layout logged at start.
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  devices = 2 if cores >= 2 else 1      # the tiny preset's meta-batch of 2 splits over 2 at most
+  assert f"host devices: {cores}, one per usable core" in out.stderr
+  assert f"Meta-batch of 2 tasks split over {devices} cpu device(s)" in out.stderr
   config = json.loads((work / "config.json").read_text())
   assert config["n_way"] == 3 and config["num_steps"] == 4
   records = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
@@ -176,10 +181,10 @@ def test_train_and_evaluate_entry_points_end_to_end(fake_omniglot_dir, tmp_path)
              f"--output={tmp_path / 'again.json'}", env=env)
   assert json.loads((tmp_path / "again.json").read_text())["metrics"] == result["metrics"]
   # More devices than there are: refused with the flag named, no traceback.
-  out = _run("experiments.evaluate", f"--workdir={work}", "--episodes=10", "--num_devices=2",
+  out = _run("experiments.evaluate", f"--workdir={work}", "--episodes=10", "--num_devices=999",
              env=env)
   assert out.returncode != 0
-  assert "--num_devices=2 not in 0..1" in out.stderr and "Traceback" not in out.stderr
+  assert f"--num_devices=999 not in 0..{cores}" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_train_entry_point_rejects_bad_flags_with_a_clear_message(fake_omniglot_dir, tmp_path):

@@ -1,0 +1,74 @@
+"""experiments.compare: the table and both figures from two tiny trained and evaluated workdirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from advmaml.compare import wall_seconds
+from advmaml.config import preset
+from advmaml.training import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(module: str, *args: str, env=None) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def two_runs(fake_omniglot_dir, tmp_path_factory):
+  root = tmp_path_factory.mktemp("compare")
+  env = {**os.environ, "XDG_CACHE_HOME": str(root / "xdg"), "JAX_PLATFORMS": "cpu"}
+  cfg = preset("tiny", data_dir=str(fake_omniglot_dir), eval_every=2)
+  runs = {"natural": root / "natural", "aq": root / "aq"}
+  train(cfg, runs["natural"], tensorboard=False)
+  train(cfg.replace(objective="aq", train_attack="fgsm"), runs["aq"], tensorboard=False)
+  for work in runs.values():
+    out = _run("experiments.evaluate", f"--workdir={work}", "--episodes=4",
+               "--epsilons=0.05,0.1", "--attacks=pgd", "--attack_steps=1", "--noper_example",
+               "--noplot", f"--output={work / 'eval_test_robust.json'}", env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+  return runs, env
+
+
+def test_compare_prints_the_table_from_the_json_files_and_writes_both_figures(two_runs, tmp_path):
+  runs, env = two_runs
+  out = _run("experiments.compare", str(runs["natural"]), str(runs["aq"]), "--markdown",
+             f"--output_dir={tmp_path}", "--name=tiny", env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  assert lines[0] == ("| run | model | objective | meta-steps | wall time | clean | "
+                      "linf eps 0.05 | linf eps 0.1 |")
+  assert len(lines) == 4
+  for line, (name, work) in zip(lines[2:], runs.items()):
+    metrics = json.loads((work / "eval_test_robust.json").read_text())["metrics"]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[:4] == [work.name, "strided", name, "4"]
+    assert cells[5:] == [f"{100 * metrics[k]['mean']:.2f} +- {100 * metrics[k]['ci95']:.2f}%"
+                         for k in ("clean_accuracy", "robust_accuracy@0.05",
+                                   "robust_accuracy@0.1")]
+  for figure in ("robust_tiny.png", "val_tiny.png"):
+    with Image.open(tmp_path / figure) as image:
+      image.verify()
+      assert image.format == "PNG" and image.size[0] > 200
+
+
+def test_compare_refuses_a_folder_that_is_not_a_workdir(tmp_path):
+  out = _run("experiments.compare", str(tmp_path))
+  assert out.returncode == 2 and "config.json is missing" in out.stderr
+  assert "Traceback" not in out.stderr
+
+
+def test_wall_time_sums_the_logged_windows_up_to_the_evaluated_step():
+  records = [{"step": 100, "steps_per_sec": 2.0}, {"step": 300, "steps_per_sec": 4.0},
+             {"step": 400, "steps_per_sec": 1.0}]
+  assert wall_seconds(records, 300) == pytest.approx(50 + 50)
+  assert wall_seconds(records, 400) == pytest.approx(50 + 50 + 100)
