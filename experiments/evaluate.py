@@ -16,6 +16,15 @@ robust accuracy after each of its parts), the attack
 settings are recorded under "attack", and (unless --noplot)
 <workdir>/robustness_<split>.png and <workdir>/adversarial_examples_<split>.png
 are written.
+
+Gradient-masking checks (experiments/masking_flags.py, advmaml/masking.py),
+each off unless its flag is given, add their numbers to "metrics"
+(masking/...) and their verdicts under "masking_checks"; a failed check is
+logged as a warning naming it:
+
+  python -m experiments.evaluate --workdir=runs/aq_5w1s --epsilons=0.05,0.1 \
+      --check_transfer_from=runs/aq_5w1s_seed1 --check_black_box \
+      --check_large_epsilon=0.5 --check_loss_progress
 """
 
 import pathlib
@@ -23,12 +32,12 @@ import pathlib
 import jax
 from absl import app, flags, logging
 
-from advmaml import plots, robust_eval
+from advmaml import masking, plots, robust_eval
 from advmaml.evaluation import evaluation_episode
 from advmaml.trained_runs import evaluate_trained, load_trained, write_json
 from experiments.attack_flags import (AttackSettings, attack_record, attack_settings_from_flags,
                                       metric_fn_from_settings)
-from experiments import cli, malloc_flag
+from experiments import cli, malloc_flag, masking_flags
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, or a checkpoint folder/file.",
                               required=True)
@@ -85,9 +94,15 @@ def _main(argv):
                              trust_unverified=cli.TRUST_UNVERIFIED.value)
   inner_steps = run.cfg.eval_inner_steps if INNER_STEPS.value is None else INNER_STEPS.value
   metric_fn = metric_fn_from_settings(settings, run.cfg.n_way, inner_steps)
+  checks = masking_flags.masking_settings_from_flags(settings, run,
+                                                     trust_unverified=cli.TRUST_UNVERIFIED.value)
+  metric_params = None
+  if checks is not None:
+    metric_fn = masking.with_masking_metrics(metric_fn, checks.checks, inner_steps)
+    metric_params = checks.metric_params(run)
   record = evaluate_trained(run, splits, split=SPLIT.value, num_episodes=EPISODES.value,
                             seed=SEED.value, inner_steps=INNER_STEPS.value, metric_fn=metric_fn,
-                            num_devices=NUM_DEVICES.value)
+                            num_devices=NUM_DEVICES.value, metric_params=metric_params)
   workdir = pathlib.Path(WORKDIR.value)
   folder = workdir if workdir.is_dir() else workdir.parent
   output = OUTPUT.value or folder / f"eval_{SPLIT.value}.json"
@@ -98,6 +113,8 @@ def _main(argv):
                  SPLIT.value, record["num_episodes"], 100 * acc["mean"], 100 * acc["ci95"], output)
     return
   record["attack"] = attack_record(settings, run.cfg.n_way)
+  if checks is not None:
+    masking_flags.report(record, checks)
   if settings.plot:
     record["plots"] = _write_plots(run, splits, record, settings, folder)
   write_json(output, record)

@@ -9,7 +9,9 @@ Square, a transfer attack from the honest model, or a large epsilon break it.
 
 from __future__ import annotations
 
-import functools
+import json
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +21,7 @@ import pytest
 from advmaml import masking, robust_eval
 from advmaml.evaluation import evaluate_episodes
 from advmaml.maml import Learner
-from tests.test_robust_eval import synthetic_pool
+from tests.test_robust_eval import _run, synthetic_pool
 
 N_WAY, K_SHOT, Q_QUERY, INNER, EPISODES = 5, 1, 3, 5, 8
 EPS, LARGE = 0.3, 0.5
@@ -106,3 +108,41 @@ def test_verdicts_follow_the_noise():
   assert not masking.large_epsilon_check({"mean": 0.06}, 0.5).passed
   assert masking.loss_progress_check({"mean": 0.4}, {"mean": 0.8}, 0.1).passed       # share 0.5
   assert not masking.loss_progress_check({"mean": 0.3}, {"mean": 0.8}, 0.1).passed   # 0.375
+
+
+def test_evaluate_entry_point_reports_the_checks(fake_omniglot_dir, tmp_path):
+  env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg"), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+  work = tmp_path / "run"
+  out = _run("experiments.train", "--preset=tiny", f"--workdir={work}",
+             f"--data_dir={fake_omniglot_dir}", "--num_steps=2", env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  # The surrogate only has to be another checkpoint for the plumbing; a copy keeps this short.
+  surrogate = tmp_path / "surrogate"
+  shutil.copytree(work / "checkpoints", surrogate / "checkpoints")
+  common = (f"--workdir={work}", "--episodes=2", "--epsilons=0.05", "--attacks=pgd",
+            "--attack_steps=3", "--noper_example", "--noplot")
+  out = _run("experiments.evaluate", *common, f"--check_transfer_from={surrogate}",
+             "--check_black_box", "--square_queries=20", "--check_large_epsilon=1.0",
+             "--check_loss_progress", "--check_loss_progress_steps=2", env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  record = json.loads((work / "eval_test.json").read_text())
+  report = record["masking_checks"]
+  names = [r["name"] for r in report["results"]]
+  assert names == ["transfer@0.05", "black_box@0.05", "loss_progress@0.05", "large_epsilon"]
+  assert report["passed"] == all(r["passed"] for r in report["results"])
+  assert report["settings"]["surrogate"].startswith(str(surrogate))
+  large = report["results"][-1]
+  assert large["passed"] and large["value"] == 0.0   # L-inf 1 covers the whole pixel range
+  for r in report["results"]:
+    assert (f"gradient-masking check failed: {r['name']}" in out.stderr) == (not r["passed"])
+  m = record["metrics"]
+  assert m["masking/transfer_robust_accuracy@0.05"]["n"] == 2
+  assert m["masking/large_epsilon_robust_accuracy@1.0"]["mean"] == 0.0
+
+  for flags in (("--check_large_epsilon=0",), ("--check_loss_progress", "--check_loss_progress_steps=9"),
+                (f"--check_transfer_from={work}",), ("--check_black_box", "--epsilons=")):
+    out = _run("experiments.evaluate", *common, *flags, env=env)
+    named = flags[0].split("=")[0]
+    assert out.returncode == 2 and named in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr[-2000:]
