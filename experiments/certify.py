@@ -96,6 +96,12 @@ def _main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   malloc_flag.apply()
   cfg = config_from_flags()   # before loading anything: fail fast
+  beyond = [r for r in cfg.radii if r > cfg.max_radius()]
+  if beyond:
+    logging.warning("--radii %s exceed %.3f, the largest radius --n=%d samples at --sigma=%g and "
+                    "--alpha=%g can certify: their certified accuracy is 0 by construction; raise "
+                    "--n or --sigma", ",".join(f"{r:g}" for r in beyond), cfg.max_radius(), cfg.n,
+                    cfg.sigma, cfg.alpha)
   run, splits = load_trained(WORKDIR.value, DATA_DIR.value,
                              trust_unverified=cli.TRUST_UNVERIFIED.value)
   if EPISODE_BATCH.value:

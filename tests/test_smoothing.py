@@ -124,9 +124,12 @@ def test_certify_entry_point(fake_omniglot_dir, tmp_path):
   assert at[0] == pytest.approx(m["smoothed_accuracy"]["mean"])
   assert at[0] >= at[1] >= at[2]
   assert m["smoothed_accuracy"]["mean"] + m["abstention_rate"]["mean"] <= 1 + 1e-6
-  # 50 samples at alpha 0.01 certify at most sigma * Phi^-1(0.01^(1/50)).
+  # 50 samples at alpha 0.01 certify at most sigma * Phi^-1(0.01^(1/50)) = 0.338: 0.5 is out
+  # of reach, and the log says so.
   assert record["certify"]["max_certifiable_radius"] == pytest.approx(
       SIGMA * stats.norm.ppf(0.01 ** (1 / 50)), rel=1e-5)
+  assert at[2] == 0.0
+  assert "--radii 0.5 exceed 0.338" in out.stderr
 
   for flag in ("--sigma=0", "--radii=0.5,-1", "--n0=0", "--n=0", "--alpha=1.5", "--n=3"):
     out = _run("experiments.certify", *common, flag, env=env)
