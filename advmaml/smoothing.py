@@ -61,7 +61,7 @@ class SmoothingConfig:
   n: int = 1000
   alpha: float = 0.001
   batch: int = 100
-  radii: tuple[float, ...] = (0.25, 0.5, 1.0)
+  radii: tuple[float, ...] = (0.125, 0.25, 0.5)
 
   def __post_init__(self):
     if not (math.isfinite(self.sigma) and self.sigma > 0):

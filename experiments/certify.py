@@ -1,7 +1,7 @@
 r"""Certified L2 accuracy of a trained few-shot learner by randomized smoothing.
 
   python -m experiments.certify --workdir=runs/maml_5w1s --sigma=0.25 \
-      --radii=0.25,0.5,1.0 [--n0=100 --n=1000 --alpha=0.001 --episodes=600 --seed=0]
+      --radii=0.125,0.25,0.5 [--n0=100 --n=1000 --alpha=0.001 --episodes=600 --seed=0]
 
 Episode i is the one ``experiments.evaluate --seed`` draws (advmaml.evaluation);
 the learner adapts on its clean support set and every query example is
@@ -13,26 +13,21 @@ each with its 95% interval over episodes, and the settings under "certify".
 
 import dataclasses
 import math
-import pathlib
 
 from absl import app, flags, logging
 
 from advmaml import smoothing
 from advmaml.robust_eval import metric_key
 from advmaml.trained_runs import evaluate_trained, load_trained, write_json
-from experiments import cli, malloc_flag
+from experiments import cli, run_flags
+from experiments.run_flags import (DATA_DIR, EPISODES, INNER_STEPS, NUM_DEVICES, SEED, SPLIT,
+                                   WORKDIR)
 
-WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, or a checkpoint folder/file.",
-                              required=True)
-SPLIT = flags.DEFINE_string("split", "test", "Class split to evaluate on: train, val or test.")
-EPISODES = flags.DEFINE_integer("episodes", None, "Number of episodes (default: the run's test_episodes).")
-SEED = flags.DEFINE_integer("seed", 0, "Seed of the evaluation episodes (as for evaluate).")
-INNER_STEPS = flags.DEFINE_integer("inner_steps", None, "Adaptation steps (default: the run's eval_inner_steps).")
-DATA_DIR = flags.DEFINE_string("data_dir", None, "Data folder, if not the one the run was trained with.")
 OUTPUT = flags.DEFINE_string("output", None, "JSON output path (default <workdir>/certify_<split>.json).")
-NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices the episodes are split over (0: all).")
 SIGMA = flags.DEFINE_float("sigma", 0.25, "Standard deviation of the smoothing noise (pixels in [0, 1]).")
-RADII = flags.DEFINE_string("radii", "0.25,0.5,1.0", "Comma list of L2 radii to report certified accuracy at.")
+RADII = flags.DEFINE_string(
+    "radii", "0.125,0.25,0.5", "Comma list of L2 radii to report certified accuracy at (at "
+    "most sigma * Phi^-1(alpha^(1/n)) can be certified: 0.616 for the defaults).")
 N0 = flags.DEFINE_integer("n0", 100, "Noise samples that choose each example's class.")
 N = flags.DEFINE_integer("n", 1000, "Noise samples that bound its probability.")
 ALPHA = flags.DEFINE_float("alpha", 0.001, "Failure probability of each certificate, in (0, 1).")
@@ -41,24 +36,6 @@ SAMPLE_BATCH = flags.DEFINE_integer(
 EPISODE_BATCH = flags.DEFINE_integer(
     "episode_batch", 0, "Episodes per jitted call (0: the run's eval_batch_tasks); with "
     "--sample_batch it bounds memory, not results.")
-
-
-def _radii(value: str) -> tuple[float, ...]:
-  items = [s.strip() for s in value.split(",")] if value.strip() else []
-  if not items:
-    raise app.UsageError("--radii is empty; give a comma list of L2 radii, e.g. 0.25,0.5,1.0")
-  radii = []
-  for s in items:
-    try:
-      r = float(s)
-    except ValueError:
-      raise app.UsageError(f"--radii: {s!r} is not a number") from None
-    if not math.isfinite(r) or r < 0:
-      raise app.UsageError(f"--radii: {s!r} must be a finite radius >= 0")
-    radii.append(r)
-  if len(set(radii)) != len(radii):
-    raise app.UsageError(f"--radii={value!r} repeats a value")
-  return tuple(radii)
 
 
 def config_from_flags() -> smoothing.SmoothingConfig:
@@ -70,14 +47,13 @@ def config_from_flags() -> smoothing.SmoothingConfig:
       raise app.UsageError(f"--{flag.name}={flag.value} must be at least 1")
   if not 0 < ALPHA.value < 1:
     raise app.UsageError(f"--alpha={ALPHA.value} must be in (0, 1), e.g. 0.001")
-  if EPISODES.value is not None and EPISODES.value < 1:
-    raise app.UsageError(f"--episodes={EPISODES.value} must be at least 1")
-  if INNER_STEPS.value is not None and INNER_STEPS.value < 0:
-    raise app.UsageError(f"--inner_steps={INNER_STEPS.value} must be >= 0 (0: no adaptation)")
+  run_flags.check_run_flags()
   if EPISODE_BATCH.value < 0:
     raise app.UsageError(f"--episode_batch={EPISODE_BATCH.value} must be >= 0 (0: the run's)")
+  if not RADII.value.strip():
+    raise app.UsageError("--radii is empty; give a comma list of L2 radii, e.g. 0.125,0.25,0.5")
   cfg = smoothing.SmoothingConfig(sigma=SIGMA.value, n0=N0.value, n=N.value, alpha=ALPHA.value,
-                                  batch=SAMPLE_BATCH.value, radii=_radii(RADII.value))
+                                  batch=SAMPLE_BATCH.value, radii=cli.parse_radii("radii", RADII.value))
   if cfg.max_radius() == 0:
     need = math.ceil(math.log(ALPHA.value) / math.log(0.5)) + 1
     raise app.UsageError(f"--n={N.value} with --alpha={ALPHA.value}: even {N.value} hits out of "
@@ -86,15 +62,7 @@ def config_from_flags() -> smoothing.SmoothingConfig:
   return cfg
 
 
-def main(argv):
-  with cli.one_line_errors():
-    _main(argv)
-
-
-def _main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  malloc_flag.apply()
+def _main():
   cfg = config_from_flags()   # before loading anything: fail fast
   beyond = [r for r in cfg.radii if r > cfg.max_radius()]
   if beyond:
@@ -114,9 +82,7 @@ def _main(argv):
   record["certify"] = {"sigma": cfg.sigma, "radii": list(cfg.radii), "n0": cfg.n0, "n": cfg.n,
                        "alpha": cfg.alpha, "sample_batch": cfg.batch, "norm": "l2",
                        "max_certifiable_radius": cfg.max_radius()}
-  workdir = pathlib.Path(WORKDIR.value)
-  folder = workdir if workdir.is_dir() else workdir.parent
-  output = OUTPUT.value or folder / f"certify_{SPLIT.value}.json"
+  output = cli.output_path(WORKDIR.value, OUTPUT.value, f"certify_{SPLIT.value}.json")
   write_json(output, record)
   m = record["metrics"]
   logging.info("%s over %d episodes, sigma %g: clean %.2f%%, smoothed %.2f%% +- %.2f%%, "
@@ -129,6 +95,8 @@ def _main(argv):
                  100 * acc["ci95"])
   logging.info("written to %s", output)
 
+
+main = cli.entry_point(_main)
 
 if __name__ == "__main__":
   app.run(main)

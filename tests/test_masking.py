@@ -10,7 +10,6 @@ Square, a transfer attack from the honest model, or a large epsilon break it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import jax
@@ -21,7 +20,8 @@ import pytest
 from advmaml import masking, robust_eval
 from advmaml.evaluation import evaluate_episodes
 from advmaml.maml import Learner
-from tests.test_robust_eval import _run, synthetic_pool
+from conftest import run_module as _run
+from tests.test_robust_eval import synthetic_pool
 
 N_WAY, K_SHOT, Q_QUERY, INNER, EPISODES = 5, 1, 3, 5, 8
 EPS, LARGE = 0.3, 0.5
@@ -110,13 +110,8 @@ def test_verdicts_follow_the_noise():
   assert not masking.loss_progress_check({"mean": 0.3}, {"mean": 0.8}, 0.1).passed   # 0.375
 
 
-def test_evaluate_entry_point_reports_the_checks(fake_omniglot_dir, tmp_path):
-  env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg"), "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_backend_optimization_level=0"}
-  work = tmp_path / "run"
-  out = _run("experiments.train", "--preset=tiny", f"--workdir={work}",
-             f"--data_dir={fake_omniglot_dir}", "--num_steps=2", env=env)
-  assert out.returncode == 0, out.stderr[-3000:]
+def test_evaluate_entry_point_reports_the_checks(tiny_run, tmp_path):
+  work, env = tiny_run
   # The surrogate only has to be another checkpoint for the plumbing; a copy keeps this short.
   surrogate = tmp_path / "surrogate"
   shutil.copytree(work / "checkpoints", surrogate / "checkpoints")

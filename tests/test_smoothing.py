@@ -10,7 +10,6 @@ the distance |w.x + b| / ||w|| to the hyperplane.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,7 @@ import pytest
 from scipy import stats
 
 from advmaml import smoothing
-from tests.test_robust_eval import _run
+from conftest import run_module as _run
 
 SIGMA = 0.25
 
@@ -105,13 +104,8 @@ def test_config_rejects_bad_values():
   assert smoothing.SmoothingConfig(n=5, alpha=0.001).max_radius() == 0.0   # 0.001^(1/5) < 1/2
 
 
-def test_certify_entry_point(fake_omniglot_dir, tmp_path):
-  env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg"), "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_backend_optimization_level=0"}
-  work = tmp_path / "run"
-  out = _run("experiments.train", "--preset=tiny", f"--workdir={work}",
-             f"--data_dir={fake_omniglot_dir}", "--num_steps=2", env=env)
-  assert out.returncode == 0, out.stderr[-3000:]
+def test_certify_entry_point(tiny_run, tmp_path):
+  work, env = tiny_run
   common = (f"--workdir={work}", "--episodes=3")
   out = _run("experiments.certify", *common, "--sigma=0.25", "--radii=0,0.25,0.5", "--n0=10",
              "--n=50", "--alpha=0.01", "--sample_batch=16", env=env)
