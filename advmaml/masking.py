@@ -141,7 +141,7 @@ def masking_metrics(learner: Learner, meta_params, episode, key, *, base,
   """The evaluation's metrics of one episode plus the enabled checks' numbers.
 
   base: the evaluation's metric fn (its numbers are unchanged: it gets
-  ``key``; the checks use ``fold_in(key, 7919)``). meta_params: the target's
+  ``key``; the checks use keys from ``fold_in(key, 7919)``). meta_params: the target's
   meta-parameters, or ``(target, surrogate)`` with a transfer check. Adds,
   per check epsilon, ``masking/transfer_robust_accuracy`` and
   ``masking/transfer_gap`` (reference minus transfer),
@@ -164,8 +164,9 @@ def masking_metrics(learner: Learner, meta_params, episode, key, *, base,
   if checks.surrogate is not None:
     fast_s = checks.surrogate.adapt(surrogate, episode.support_x, episode.support_y,
                                     steps=checks.surrogate_inner_steps)
-  for i, eps in enumerate(checks.epsilons):
-    k = jax.random.fold_in(k_checks, i)
+  for eps in checks.epsilons:
+    # As in robust_eval: the key depends on epsilon's value, not on the other epsilons.
+    k = robust_eval._epsilon_key(jax.random.fold_in(k_checks, 0), eps)
     reference = out[robust_eval.metric_key(eps, checks.reference)]
     if checks.surrogate is not None:
       cfg = robust_eval.attack_config("pgd", eps, n_way=checks.n_way, norm=checks.norm,
@@ -191,7 +192,7 @@ def masking_metrics(learner: Learner, meta_params, episode, key, *, base,
     sets = robust_eval.attack_sets(checks.large_epsilon_attacks, (checks.large_epsilon,),
                                    n_way=checks.n_way, norm=checks.norm, steps=checks.steps,
                                    restarts=checks.restarts)
-    large = robust_eval.robust_metrics(learner, target, episode, jax.random.fold_in(k_checks, len(checks.epsilons)),
+    large = robust_eval.robust_metrics(learner, target, episode, jax.random.fold_in(k_checks, 1),
                                        inner_steps=inner_steps, attack_sets=sets)
     out[robust_eval.metric_key(checks.large_epsilon, "masking/large_epsilon_robust_accuracy")] = (
         large[robust_eval.metric_key(checks.large_epsilon)])

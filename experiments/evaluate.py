@@ -73,6 +73,7 @@ def _write_plots(run, splits, record, settings: AttackSettings, folder: pathlib.
 def _main():
   run_flags.check_run_flags()
   settings = attack_settings_from_flags()  # before loading anything: fail fast
+  masking_flags.check_flags(settings)
   run, splits = load_trained(WORKDIR.value, DATA_DIR.value,
                              trust_unverified=cli.TRUST_UNVERIFIED.value)
   inner_steps = run.cfg.eval_inner_steps if INNER_STEPS.value is None else INNER_STEPS.value

@@ -68,21 +68,23 @@ def _given(flag) -> bool:
   return not flags.FLAGS[flag.name].using_default_value
 
 
-def masking_settings_from_flags(settings: AttackSettings, run: TrainedRun, *,
-                                trust_unverified: bool = False) -> MaskingSettings | None:
-  """The checks the flags ask for, or None; bad values raise app.UsageError naming the flag."""
+def check_flags(settings: AttackSettings) -> bool:
+  """Checks the masking flags without loading anything; returns whether any check is on.
+  Bad values raise app.UsageError naming the flag."""
   wanted = [f for f in (TRANSFER_FROM, BLACK_BOX, LARGE_EPSILON, LOSS_PROGRESS)
             if _given(f) and f.value is not None and f.value is not False and f.value != ""]
+  for setting, check in ((LARGE_EPSILON_TOLERANCE, LARGE_EPSILON), (LOSS_PROGRESS_STEPS, LOSS_PROGRESS)):
+    if _given(setting) and check.name not in {f.name for f in wanted}:  # FlagHolders have no ==
+      raise app.UsageError(f"--{setting.name} sets a check that is off; add --{check.name} or "
+                           f"drop --{setting.name}")
   if not wanted:
-    for f in (LARGE_EPSILON_TOLERANCE, LOSS_PROGRESS_STEPS):
-      if _given(f):
-        raise app.UsageError(f"--{f.name} sets a masking check that is off; turn it on or drop it")
-    return None
+    return False
   names = ", ".join(f"--{f.name}" for f in wanted)
   if not settings.epsilons:
-    raise app.UsageError(f"{names} compare(s) with robust accuracy; give --epsilons")
+    raise app.UsageError(f"{names}: the masking checks test robust accuracy; give --epsilons")
   if settings.target != "query":
-    raise app.UsageError(f"{names} check the query attack; use --attack_target=query")
+    raise app.UsageError(f"{names}: the masking checks test the query attack; use "
+                         "--attack_target=query")
   large = LARGE_EPSILON.value
   if large is not None and (not math.isfinite(large) or large <= 0
                             or (settings.norm == "linf" and large > 1)):
@@ -94,6 +96,16 @@ def masking_settings_from_flags(settings: AttackSettings, run: TrainedRun, *,
   if LOSS_PROGRESS.value and not 1 <= steps <= settings.steps:
     raise app.UsageError(f"--check_loss_progress_steps={steps} must be in [1, --attack_steps="
                          f"{settings.steps}]")
+  return True
+
+
+def masking_settings_from_flags(settings: AttackSettings, run: TrainedRun, *,
+                                trust_unverified: bool = False) -> MaskingSettings | None:
+  """The checks the flags ask for against ``run``, or None (loads the surrogate)."""
+  if not check_flags(settings):
+    return None
+  large, tol, steps = (LARGE_EPSILON.value, LARGE_EPSILON_TOLERANCE.value,
+                       LOSS_PROGRESS_STEPS.value)
   surrogate = None
   if TRANSFER_FROM.value:
     surrogate = load_checkpointed_run(TRANSFER_FROM.value, trust_unverified=trust_unverified)

@@ -136,7 +136,8 @@ def test_evaluate_entry_point_reports_the_checks(tiny_run, tmp_path):
   assert m["masking/large_epsilon_robust_accuracy@1.0"]["mean"] == 0.0
 
   for flags in (("--check_large_epsilon=0",), ("--check_loss_progress", "--check_loss_progress_steps=9"),
-                (f"--check_transfer_from={work}",), ("--check_black_box", "--epsilons=")):
+                (f"--check_transfer_from={work}",), ("--check_black_box", "--epsilons="),
+                ("--check_loss_progress_steps=2",)):
     out = _run("experiments.evaluate", *common, *flags, env=env)
     named = flags[0].split("=")[0]
     assert out.returncode == 2 and named in out.stderr, out.stderr[-2000:]
