@@ -83,9 +83,11 @@ def load_trained(path: str | os.PathLike, data_dir: str | None = None, *,
 
 def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_episodes: int | None = None,
                      seed: int = 0, inner_steps: int | None = None, metric_fn=None,
-                     num_devices: int = 0) -> dict:
+                     num_devices: int = 0, metric_params=None) -> dict:
   """Mean accuracy (and any other per-episode metric) with 95% intervals on ``split``.
 
+  metric_params: the pytree ``metric_fn`` gets as its meta_params (default
+  ``run.meta_params``; the masking checks pass (target, surrogate)).
   num_devices: devices each call's episodes are split over (0: all local ones);
   the results do not depend on it.
   """
@@ -107,7 +109,8 @@ def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_
   # The same network with its kernels sized for this layout's share of the cores per device.
   learner = build_experiment(cfg, image_shape_for(cfg), sharding.device_count(mesh)).learner
   results = evaluate_episodes(
-      learner, run.meta_params, splits[split].images, jax.random.key(seed),
+      learner, run.meta_params if metric_params is None else metric_params,
+      splits[split].images, jax.random.key(seed),
       num_episodes=num_episodes, n_way=cfg.n_way, k_shot=cfg.k_shot, q_query=cfg.eval_q_query,
       inner_steps=inner_steps, batch_tasks=cfg.eval_batch_tasks, metric_fn=metric_fn, mesh=mesh)
   return {"checkpoint": run.source, "step": run.step, "split": split, "protocol": cfg.split,

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from absl import app, flags
 
 from advmaml import robust_eval
+from experiments import cli
 
 # Budgets by name; flags given explicitly override them.
 PRESETS = {
@@ -73,16 +73,9 @@ class AttackSettings:
   preset: str = "fast"
 
 
-def _parse_list(flag: str, value: str) -> list[str]:
-  items = [s.strip() for s in value.split(",")] if value.strip() else []
-  if any(not s for s in items):
-    raise app.UsageError(f"--{flag}={value!r} has an empty entry; give a comma list without blanks")
-  return items
-
-
 def _attack_names(flag, value=None) -> tuple[str, ...]:
   value = flag.value if value is None else value
-  names = tuple(_parse_list(flag.name, value))
+  names = tuple(cli.parse_list(flag.name, value))
   unknown = [n for n in names if n not in robust_eval.ATTACK_NAMES]
   if unknown:
     raise app.UsageError(f"--{flag.name}: unknown {unknown}; choose from {robust_eval.ATTACK_NAMES}")
@@ -125,17 +118,7 @@ def attack_settings_from_flags() -> AttackSettings:
     raise app.UsageError(f"--attack_preset={ATTACK_PRESET.value!r}; choose one of {tuple(PRESETS)}")
   names = _attack_names(ATTACKS, _preset_value(ATTACKS))
   steps, restarts = _preset_value(ATTACK_STEPS), _preset_value(RESTARTS)
-  epsilons = []
-  for s in _parse_list("epsilons", EPSILONS.value):
-    try:
-      eps = float(s)
-    except ValueError:
-      raise app.UsageError(f"--epsilons: {s!r} is not a number") from None
-    if not math.isfinite(eps) or eps < 0:
-      raise app.UsageError(f"--epsilons: {s!r} must be a finite number >= 0")
-    epsilons.append(eps)
-  if len(set(epsilons)) != len(epsilons):
-    raise app.UsageError(f"--epsilons={EPSILONS.value!r} repeats a value")
+  epsilons = cli.parse_radii("epsilons", EPSILONS.value)
   if epsilons and not names:
     raise app.UsageError("--attacks is empty but --epsilons asks for robust accuracy")
   if NORM.value not in robust_eval.NORMS:

@@ -16,6 +16,15 @@ robust accuracy after each of its parts), the attack
 settings are recorded under "attack", and (unless --noplot)
 <workdir>/robustness_<split>.png and <workdir>/adversarial_examples_<split>.png
 are written.
+
+Gradient-masking checks (experiments/masking_flags.py, advmaml/masking.py),
+each off unless its flag is given, add their numbers to "metrics"
+(masking/...) and their verdicts under "masking_checks"; a failed check is
+logged as a warning naming it:
+
+  python -m experiments.evaluate --workdir=runs/aq_5w1s --epsilons=0.05,0.1 \
+      --check_transfer_from=runs/aq_5w1s_seed1 --check_black_box \
+      --check_large_epsilon=0.5 --check_loss_progress
 """
 
 # First, before anything imports JAX: the host device count is fixed when JAX starts.
@@ -27,24 +36,18 @@ import pathlib
 import jax
 from absl import app, flags, logging
 
-from advmaml import plots, robust_eval
+from advmaml import masking, plots, robust_eval
 from advmaml.evaluation import evaluation_episode
 from advmaml.trained_runs import evaluate_trained, load_trained, write_json
 from experiments.attack_flags import (AttackSettings, attack_record, attack_settings_from_flags,
                                       metric_fn_from_settings)
-from experiments import cli, malloc_flag
+from experiments import cli, masking_flags, run_flags
+from experiments.run_flags import (DATA_DIR, EPISODES, INNER_STEPS, NUM_DEVICES, SEED, SPLIT,
+                                   WORKDIR)
 
-WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, or a checkpoint folder/file.",
-                              required=True)
-SPLIT = flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Class split to evaluate on.")
-EPISODES = flags.DEFINE_integer("episodes", None, "Number of episodes (default: the run's test_episodes, 600).")
-SEED = flags.DEFINE_integer("seed", 0, "Seed of the evaluation episodes.")
-INNER_STEPS = flags.DEFINE_integer("inner_steps", None, "Adaptation steps (default: the run's eval_inner_steps).")
-DATA_DIR = flags.DEFINE_string("data_dir", None, "Data folder, if not the one the run was trained with.")
 OUTPUT = flags.DEFINE_string("output", None, "JSON output path (default <workdir>/eval_<split>.json).")
-NUM_DEVICES = flags.DEFINE_integer(
-    "num_devices", 0, "Devices the episodes are split over (0: all local devices). "
-    "Results do not depend on it.")
+
+
 def _write_plots(run, splits, record, settings: AttackSettings, folder: pathlib.Path) -> list[str]:
   """The robustness curve and the attacked images of the first evaluation episode."""
   cfg, split = run.cfg, record["split"]
@@ -71,31 +74,26 @@ def _write_plots(run, splits, record, settings: AttackSettings, folder: pathlib.
   return [str(curve), str(grid)]
 
 
-def main(argv):
-  with cli.one_line_errors():
-    _main(argv)
-
-
-def _main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  malloc_flag.apply()
+def _main():
   logging.info(HOST_DEVICES)
-  if EPISODES.value is not None and EPISODES.value < 1:
-    raise app.UsageError(f"--episodes={EPISODES.value} must be at least 1")
-  if INNER_STEPS.value is not None and INNER_STEPS.value < 0:
-    raise app.UsageError(f"--inner_steps={INNER_STEPS.value} must be >= 0 (0: no adaptation)")
+  run_flags.check_run_flags()
   settings = attack_settings_from_flags()  # before loading anything: fail fast
+  masking_flags.check_flags(settings)
   run, splits = load_trained(WORKDIR.value, DATA_DIR.value,
                              trust_unverified=cli.TRUST_UNVERIFIED.value)
   inner_steps = run.cfg.eval_inner_steps if INNER_STEPS.value is None else INNER_STEPS.value
   metric_fn = metric_fn_from_settings(settings, run.cfg.n_way, inner_steps)
+  checks = masking_flags.masking_settings_from_flags(settings, run,
+                                                     trust_unverified=cli.TRUST_UNVERIFIED.value)
+  metric_params = None
+  if checks is not None:
+    metric_fn = masking.with_masking_metrics(metric_fn, checks.checks, inner_steps)
+    metric_params = checks.metric_params(run)
   record = evaluate_trained(run, splits, split=SPLIT.value, num_episodes=EPISODES.value,
                             seed=SEED.value, inner_steps=INNER_STEPS.value, metric_fn=metric_fn,
-                            num_devices=NUM_DEVICES.value)
-  workdir = pathlib.Path(WORKDIR.value)
-  folder = workdir if workdir.is_dir() else workdir.parent
-  output = OUTPUT.value or folder / f"eval_{SPLIT.value}.json"
+                            num_devices=NUM_DEVICES.value, metric_params=metric_params)
+  output = cli.output_path(WORKDIR.value, OUTPUT.value, f"eval_{SPLIT.value}.json")
+  folder = cli.run_folder(WORKDIR.value)
   if not settings.epsilons:
     write_json(output, record)
     acc = record["metrics"]["accuracy"]
@@ -103,6 +101,8 @@ def _main(argv):
                  SPLIT.value, record["num_episodes"], 100 * acc["mean"], 100 * acc["ci95"], output)
     return
   record["attack"] = attack_record(settings, run.cfg.n_way)
+  if checks is not None:
+    masking_flags.report(record, checks)
   if settings.plot:
     record["plots"] = _write_plots(run, splits, record, settings, folder)
   write_json(output, record)
@@ -123,6 +123,8 @@ def _main(argv):
         logging.info("    AutoAttack after %s: %.2f%%", part, 100 * after["mean"])
   logging.info("written to %s", output)
 
+
+main = cli.entry_point(_main)
 
 if __name__ == "__main__":
   app.run(main)

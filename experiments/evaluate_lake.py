@@ -8,7 +8,6 @@ The model must have been meta-trained on the background alphabets only
 with the error rate of every run and the mean, clean and under attack.
 """
 
-import pathlib
 
 import jax
 from absl import app, flags, logging
@@ -17,7 +16,7 @@ from advmaml.data.lake_runs import load_lake_runs
 from advmaml.lake_eval import as_float_episodes, check_model_fits_lake, evaluate_lake
 from advmaml.trained_runs import check_outputs_finite, load_checkpointed_run, write_json
 from experiments.attack_flags import attack_record, attack_settings_from_flags, metric_fn_from_settings
-from experiments import cli, malloc_flag
+from experiments import cli
 
 RUNS = flags.DEFINE_string("runs", None, "Lake's all_runs.zip, or the folder it extracts to.",
                            required=True)
@@ -28,15 +27,7 @@ INNER_STEPS = flags.DEFINE_integer("inner_steps", None, "Adaptation steps (defau
 OUTPUT = flags.DEFINE_string("output", None, "JSON output path (default <workdir>/eval_lake_runs.json).")
 
 
-def main(argv):
-  with cli.one_line_errors():
-    _main(argv)
-
-
-def _main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  malloc_flag.apply()
+def _main():
   if INNER_STEPS.value is not None and INNER_STEPS.value < 0:
     raise app.UsageError(f"--inner_steps={INNER_STEPS.value} must be >= 0 (0: no adaptation)")
   settings = attack_settings_from_flags()
@@ -52,14 +43,15 @@ def _main(argv):
   record.update(checkpoint=run.source, step=run.step, runs_file=str(RUNS.value))
   if settings.epsilons:
     record["attack"] = attack_record(settings, cfg.n_way)
-  workdir = pathlib.Path(WORKDIR.value)
-  output = OUTPUT.value or (workdir if workdir.is_dir() else workdir.parent) / "eval_lake_runs.json"
+  output = cli.output_path(WORKDIR.value, OUTPUT.value, "eval_lake_runs.json")
   write_json(output, record)
   for name, stats in record["mean_error"].items():
     logging.info("%s error over %d runs: %.2f%% +- %.2f%%", name, stats["n"], 100 * stats["mean"],
                  100 * stats["ci95"])
   logging.info("written to %s", output)
 
+
+main = cli.entry_point(_main)
 
 if __name__ == "__main__":
   app.run(main)

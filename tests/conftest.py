@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # Only the process that creates the folder removes it: xdist workers inherit
@@ -26,6 +28,8 @@ import pytest  # noqa: E402
 
 from fake_omniglot import many_chars, write_zips
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
 # 16 characters: enough for 3-way episodes in every split (rotations give 4 classes each).
 NUM_BACKGROUND, NUM_EVALUATION = 10, 6
 
@@ -36,6 +40,27 @@ def fake_omniglot_dir(tmp_path_factory) -> pathlib.Path:
   folder = tmp_path_factory.mktemp("fake_omniglot")
   write_zips(folder, chars=many_chars(NUM_BACKGROUND, NUM_EVALUATION))
   return folder
+
+
+def run_module(module: str, *args: str, env: dict) -> subprocess.CompletedProcess:
+  """``python -m module args`` from the repository root, output captured."""
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(fake_omniglot_dir, tmp_path_factory) -> tuple[pathlib.Path, dict]:
+  """(workdir, env): a 2-step ``--preset=tiny`` training on the fake Omniglot, and the
+  environment entry-point tests run in. Tests may write their outputs into the workdir."""
+  tmp = tmp_path_factory.mktemp("tiny_run")
+  # Tiny models need no optimised code; skipping LLVM's passes halves the compiles.
+  env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "xdg"), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+  work = tmp / "run"
+  out = run_module("experiments.train", "--preset=tiny", f"--workdir={work}",
+                   f"--data_dir={fake_omniglot_dir}", "--num_steps=2", env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return work, env
 
 
 DATA_DIR_VARIABLES = ("ADVMAML_DATA_DIR", "ADVMAML_CIFAR_DIR", "ADVMAML_MINI_IMAGENET_DIR",

@@ -15,10 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +28,8 @@ from advmaml import plots, robust_eval
 from advmaml.data.episodes import sample_episodes
 from advmaml.evaluation import evaluate_episodes
 from advmaml.maml import Learner
+from conftest import run_module as _run
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 N_WAY, K_SHOT, Q_QUERY, HIDDEN, EVAL_INNER = 5, 1, 3, 32, 3
 EPISODES = 12
 
@@ -295,19 +292,8 @@ def test_plots_write_valid_pngs(tmp_path):
     plots.plot_adversarial_grid(x, x[:2], y, y, y, tmp_path / "bad.png")
 
 
-def _run(module, *args, env):
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
-
-
-def test_evaluate_entry_point_with_attacks(fake_omniglot_dir, tmp_path):
-  # Tiny models need no optimised code; skipping LLVM's passes halves the compiles.
-  env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg"), "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_backend_optimization_level=0"}
-  work = tmp_path / "run"
-  out = _run("experiments.train", "--preset=tiny", f"--workdir={work}",
-             f"--data_dir={fake_omniglot_dir}", "--num_steps=2", env=env)
-  assert out.returncode == 0, out.stderr[-3000:]
+def test_evaluate_entry_point_with_attacks(tiny_run):
+  work, env = tiny_run
   out = _run("experiments.evaluate", f"--workdir={work}", "--episodes=4", "--epsilons=0.05,1.0",
              "--attacks=pgd,apgd", "--attack_steps=5", "--per_example_attacks=margin", env=env)
   assert out.returncode == 0, out.stderr[-3000:]
