@@ -19,7 +19,7 @@ from advmaml.data.omniglot import DataError
 from advmaml.meta_step import init_train_state, make_train_step
 from advmaml.objectives import natural
 from advmaml.trained_runs import load_checkpointed_run
-from advmaml.training import (build_experiment, check_or_write_config, initial_state,
+from advmaml.training import (build_experiment, check_saved_config, initial_state,
                               state_to_tree, train)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -90,10 +90,10 @@ def test_resume_may_change_the_kernels_but_not_the_batch_norm_rule(tmp_path):
   old = json.loads(cfg.to_json())
   del old["kernels"], old["batch_norm"]
   (tmp_path / "config.json").write_text(json.dumps(old))
-  check_or_write_config(tmp_path, cfg)                          # kernels: saved cpu, now auto
-  check_or_write_config(tmp_path, cfg.replace(kernels="reference"))
+  check_saved_config(tmp_path, cfg)                          # kernels: saved cpu, now auto
+  check_saved_config(tmp_path, cfg.replace(kernels="reference"))
   with pytest.raises(ConfigError, match="--batch_norm: saved 'batch' vs now 'support'"):
-    check_or_write_config(tmp_path, cfg.replace(batch_norm="support"))
+    check_saved_config(tmp_path, cfg.replace(batch_norm="support"))
 
 
 # Logits of preset("tiny", image_size=16)'s initial params on jax.random.uniform(key(7),
@@ -111,6 +111,7 @@ def test_checkpoint_from_before_kernels_loads_and_gives_the_same_logits(tmp_path
   cfg = preset("tiny", image_size=16, model=model)
   tree = state_to_tree(initial_state(build_experiment(cfg, (16, 16, 1)), cfg.seed), cfg)
   del tree["config"]["kernels"], tree["config"]["batch_norm"]
+  tree["step"] = 3  # the step folder's number: a checkpoint that disagrees is refused
   checkpoint.save_checkpoint(tmp_path / "checkpoints", 3, tree)
   run = load_checkpointed_run(tmp_path)
   assert (run.step, run.cfg.kernels, run.cfg.batch_norm) == (3, "cpu", "batch")
