@@ -14,10 +14,10 @@ from advmaml.config import preset
 from advmaml.models import make_model
 
 
-@pytest.mark.parametrize("variant", ["strided", "maxpool"])
+@pytest.mark.parametrize("variant", ["conv4", "conv4_maxpool"])
 def test_analytic_forward_flops_match_xla_cost_analysis(variant):
   cfg = preset("omniglot_5w1s", model=variant, filters=16)
-  model = make_model(5, (28, 28, 1), filters=16, variant=variant, conv_impl="xla")
+  model = make_model(5, (28, 28, 1), filters=16, model=variant, conv_impl="xla")
   params = model.init(jax.random.key(0))
   batch = 8
   cost = jax.jit(model.apply).lower(params, jnp.zeros((batch, 28, 28, 1))).compile().cost_analysis()
@@ -29,7 +29,7 @@ def test_analytic_forward_flops_match_xla_cost_analysis(variant):
 
 
 def test_run_workload_reports_what_it_promises():
-  work = benchmark.Workload("tiny", "tiny", dict(model="strided", filters=8, meta_batch_size=2,
+  work = benchmark.Workload("tiny", "tiny", dict(model="conv4", filters=8, meta_batch_size=2,
                                                  inner_steps=1), q_query=2)
   r = benchmark.run_workload(work, repeats=2, min_steps=2, min_seconds=0.1, peak_gflops=100.0)
   assert r["throughput_min"] <= r["throughput_median"] <= r["throughput_max"]
@@ -49,7 +49,7 @@ def test_every_listed_workload_builds():
   assert {f"B{i}" for i in range(1, 5)} | {f"B{i}-strided" for i in range(1, 5)} == set(benchmark.WORKLOADS)
 
 
-_TINY = dict(model="strided", filters=8, meta_batch_size=2, inner_steps=1)
+_TINY = dict(model="conv4", filters=8, meta_batch_size=2, inner_steps=1)
 
 # Run under 2 simulated CPU devices: the benchmark's train step splits its tasks over
 # both (the outputs live on both devices) and the record says so.
