@@ -55,6 +55,7 @@ class Workload:
   kind: str = "train"      # "train": meta-steps/s; "adapt": tasks/s of test-time adaptation
   q_query: int = 5
   image_shape: tuple[int, ...] = (28, 28, 1)  # (H, W, C) of the synthetic class pool's images
+  in_all: bool = True      # run by --all (the CPU speed study's B1-B4)
 
   def pool(self, classes: int = 64, examples: int = 20) -> jax.Array:
     """A synthetic uint8 class pool (classes, examples, H, W[, C]) of this workload's images."""
@@ -83,7 +84,8 @@ def _workloads() -> dict[str, Workload]:
   out["B5"] = Workload("B5", "5-way 1-shot, 5 queries/class, meta-batch 2, 1 step, resnet12 "
                        "(64-160-320-640), 84x84x3",
                        dict(base, model="resnet12", filters=64, meta_batch_size=2, inner_steps=1,
-                            inner_lr=0.01), q_query=5, image_shape=(84, 84, 3))
+                            inner_lr=0.01), q_query=5, image_shape=(84, 84, 3),
+                       in_all=False)
   return out
 
 
