@@ -67,13 +67,6 @@ def test_resnet12_meta_train_step_on_84x84_images():
   assert all(jax.tree.leaves(moved)), moved
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
-
-
 def test_resnet12_reference_gradients_and_forward_mode(x64):
   """A narrow ResNet-12 on 16x16 images, float64, reference kernels: reverse and forward
   mode in the parameters agree with finite differences along random directions (each

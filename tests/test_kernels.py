@@ -39,13 +39,6 @@ def query_logits(model, batch_norm, params, support_x, query_x):
   return model.apply(params, query_x)
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
-
-
 @pytest.mark.parametrize("batch_norm", BATCH_NORMS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_transformation_of_the_reference_kernels(x64, variant, batch_norm):

@@ -49,13 +49,6 @@ def flat_grad_and_fd(learner, meta_params, task, num_coords=12, eps=1e-6, seed=0
   return np.asarray(grad)[idx], np.asarray(fd)
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
-
-
 def to64(tree):
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
 
