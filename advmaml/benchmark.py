@@ -10,8 +10,9 @@ on a synthetic uint8 class pool, and reports:
 * FLOPs per step: the matmuls and convolutions of the traced step with every
   loop trip counted (``advmaml.flops``), next to XLA's cost analysis of the
   compiled program (which counts each loop body once, so it undercounts steps
-  with inner or attack loops) and an analytic count of the network's forward
-  pass per image;
+  with inner or attack loops), and the network's forward pass per image,
+  counted from its trace the same way (any backbone) and, for the Conv4s,
+  analytically;
 * achieved GFLOP/s (from the trip-counted FLOPs) and the fraction of the
   machine's float32 matmul peak, measured by ``matmul_peak``;
 * peak memory: the device's allocator peak where it reports one (GPU), else the
@@ -43,7 +44,7 @@ from advmaml.flops import jaxpr_flops
 from advmaml.host import cpu_model
 from advmaml.meta_step import init_train_state, make_train_step
 from advmaml.objectives import get_objective
-from advmaml.training import build_experiment
+from advmaml.training import build_experiment, image_shape_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +54,20 @@ class Workload:
   overrides: dict
   kind: str = "train"      # "train": meta-steps/s; "adapt": tasks/s of test-time adaptation
   q_query: int = 5
+  image_shape: tuple[int, ...] = (28, 28, 1)  # (H, W, C) of the synthetic class pool's images
+  in_all: bool = True      # run by --all (the CPU speed study's B1-B4)
+
+  def pool(self, classes: int = 64, examples: int = 20) -> jax.Array:
+    """A synthetic uint8 class pool (classes, examples, H, W[, C]) of this workload's images."""
+    h, w, c = self.image_shape
+    shape = (classes, examples, h, w) + ((c,) if c > 1 else ())
+    return jnp.asarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
 
 
 def _workloads() -> dict[str, Workload]:
   base = dict(n_way=5, k_shot=1, inner_lr=0.4, outer_lr=1e-3, first_order=False)
   out = {}
-  for variant, suffix, filters in (("maxpool", "", 64), ("strided", "-strided", 64)):
+  for variant, suffix, filters in (("conv4_maxpool", "", 64), ("conv4", "-strided", 64)):
     net = dict(base, model=variant, filters=filters)
     out[f"B1{suffix}"] = Workload(f"B1{suffix}", f"5-way 1-shot, 5 queries/class, meta-batch 8, 1 step, {variant}",
                                   dict(net, meta_batch_size=8, inner_steps=1), q_query=5)
@@ -70,6 +79,13 @@ def _workloads() -> dict[str, Workload]:
                                        train_step_size=0.025, train_random_start=True), q_query=5)
     out[f"B4{suffix}"] = Workload(f"B4{suffix}", f"test-time adaptation: 32 tasks, 10 steps, 15 queries/class, {variant}",
                                   dict(net, meta_batch_size=32, eval_inner_steps=10), kind="adapt", q_query=15)
+  # Mini-ImageNet-shaped: MetaOptNet's ResNet-12 at full width (12.4 M parameters),
+  # second-order MAML, on 84x84 RGB images.
+  out["B5"] = Workload("B5", "5-way 1-shot, 5 queries/class, meta-batch 2, 1 step, resnet12 "
+                       "(64-160-320-640), 84x84x3",
+                       dict(base, model="resnet12", filters=64, meta_batch_size=2, inner_steps=1,
+                            inner_lr=0.01), q_query=5, image_shape=(84, 84, 3),
+                       in_all=False)
   return out
 
 
@@ -85,18 +101,26 @@ def with_overrides(work: Workload, overrides: dict) -> Workload:
                              overrides={**work.overrides, **overrides})
 
 
-def conv4_forward_flops(cfg: Config, image_shape=(28, 28, 1)) -> int:
-  """Analytic multiply-add FLOPs (x2) of one image through Conv4's convs and head."""
+def conv4_forward_flops(cfg: Config, image_shape=(28, 28, 1)) -> int | None:
+  """Analytic multiply-add FLOPs (x2) of one image through Conv4's convs and head (None: not a Conv4)."""
+  if cfg.model not in ("conv4", "conv4_maxpool"):
+    return None
   h, w, c = image_shape
   flops = 0
   for _ in range(4):
-    stride = 2 if cfg.model == "strided" else 1
+    stride = 2 if cfg.model == "conv4" else 1
     h, w = -(-h // stride), -(-w // stride)
     flops += 2 * h * w * 9 * c * cfg.filters
     c = cfg.filters
-    if cfg.model == "maxpool":
+    if cfg.model == "conv4_maxpool":
       h, w = h // 2, w // 2
   return flops + 2 * h * w * c * cfg.n_way
+
+
+def forward_flops(exp, image_shape) -> int:
+  """FLOPs of one image (H, W, C) through the experiment's network, counted from its trace."""
+  params = jax.eval_shape(exp.model.init, jax.random.key(0))
+  return jaxpr_flops(jax.make_jaxpr(exp.model.apply)(params, jnp.zeros((1, *image_shape))))
 
 
 def matmul_peak(size: int = 2048, repeats: int = 5, seconds: float = 1.0) -> dict:
@@ -119,7 +143,8 @@ def matmul_peak(size: int = 2048, repeats: int = 5, seconds: float = 1.0) -> dic
 
 
 def _build(work: Workload, pool, num_devices: int = 1) -> tuple[Callable, tuple, Config]:
-  """(jitted fn, its args, config); fn(*args) returns (new first arg, outputs).
+  """(jitted fn, its args, config) on images of ``pool`` (classes, examples, H, W[, C]);
+  fn(*args) returns (new first arg, outputs).
 
   num_devices: workloads split their tasks over this many devices (0: all):
   training's meta-batch as ``experiments.train --num_devices`` does, test-time
@@ -130,7 +155,7 @@ def _build(work: Workload, pool, num_devices: int = 1) -> tuple[Callable, tuple,
   cfg = preset("omniglot_5w1s").replace(**work.overrides)
   mesh = sharding.make_mesh(num_devices)
   sharding.check_divisible(cfg.meta_batch_size, mesh)
-  exp = build_experiment(cfg, (28, 28, 1), sharding.device_count(mesh))
+  exp = build_experiment(cfg, image_shape_of(pool), sharding.device_count(mesh))
   meta = exp.learner.init_meta_params(exp.model.init(jax.random.key(0)))
   key = jax.random.key(1)
   pool = sharding.replicate(pool, mesh)
@@ -175,8 +200,7 @@ def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
   accelerators, and by ``peak_gflops`` alone on CPU, where simulated host
   devices share the cores the peak was measured on.
   """
-  rng = np.random.default_rng(0)
-  pool = jnp.asarray(rng.integers(0, 256, (64, 20, 28, 28), dtype=np.uint8))
+  pool = work.pool()
   fn, args, cfg = _build(work, pool, num_devices)
   devices = len(jax.devices()) if num_devices == 0 else num_devices
   t0 = time.perf_counter()
@@ -212,7 +236,9 @@ def run_workload(work: Workload, *, repeats: int = 3, min_steps: int = 20,
       "compile_s": compile_s, "repeats": repeats,
       "flops_per_step": flops,
       "flops_per_step_xla": xla_flops,
-      "forward_flops_per_image_analytic": conv4_forward_flops(cfg),
+      "forward_flops_per_image": forward_flops(build_experiment(cfg, work.image_shape),
+                                               work.image_shape),
+      "forward_flops_per_image_analytic": conv4_forward_flops(cfg, work.image_shape),
       "images_per_step": images,
       "gflops_achieved": flops * median / 1e9,
       "peak_bytes": int(stats.get("peak_bytes_in_use", 0)) or int(

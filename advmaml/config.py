@@ -35,8 +35,8 @@ class Config:
   q_query: int = 1                  # query examples per class during meta-training (MAML: K)
   eval_q_query: int = 1             # query examples per class at evaluation
   # Network.
-  model: str = "strided"            # "strided" (Omniglot Conv4) or "maxpool"
-  filters: int = 64
+  model: str = "conv4"              # a backbone of advmaml.models.names(): "conv4" (MAML's Omniglot net), "conv4_maxpool", "resnet12"
+  filters: int = 64                 # the backbone's width (conv4: channels per layer; resnet12: 64 for 64-160-320-640)
   batch_norm: str = "batch"         # "batch": each batch's own statistics (MAML, transductive); "support": the support set's, for the queries too
   kernels: str = "auto"             # "cpu" (fast CPU kernels), "reference" (plain JAX, every transformation), "auto" (cpu on CPU, reference on GPU/TPU)
   conv_impl: str = "im2col"         # the cpu kernels' convolution: "im2col" (fast), "xla" (lax.conv), "taps", "winograd"
@@ -103,8 +103,13 @@ LEGACY_DEFAULTS = {
 
 
 def with_legacy_defaults(saved: dict[str, Any]) -> dict[str, Any]:
-  """A saved config dict with the fields it predates filled as the old code behaved."""
-  return {**LEGACY_DEFAULTS, **saved}
+  """A saved config dict with the fields it predates filled as the old code behaved,
+  and a model name from before the registry (``strided``, ``maxpool``) as it is called now."""
+  from advmaml import models  # local: keep config import-light
+  saved = {**LEGACY_DEFAULTS, **saved}
+  if isinstance(saved.get("model"), str):
+    saved["model"] = models.canonical_name(saved["model"], note=False)
+  return saved
 
 
 _OMNIGLOT_5WAY = dict(n_way=5, inner_lr=0.4, inner_steps=1, meta_batch_size=32)
@@ -114,7 +119,7 @@ _OMNIGLOT_20WAY = dict(n_way=20, inner_lr=0.1, inner_steps=5, meta_batch_size=16
 # 5 inner steps (10 at test), meta-batch 4, 15 query images per class; CIFAR-FS and
 # FC100 use the same network and settings at 32x32.
 _MINI_IMAGENET = dict(dataset="mini_imagenet", split="ravi", rotate=False, image_size=84,
-                      model="maxpool", filters=32, inner_lr=0.01, inner_steps=5,
+                      model="conv4_maxpool", filters=32, inner_lr=0.01, inner_steps=5,
                       eval_inner_steps=10, meta_batch_size=4, q_query=15, eval_q_query=15)
 _CIFAR_FS = dict(_MINI_IMAGENET, dataset="cifar_fs", split="bertinetto", image_size=32)
 _FC100 = dict(_MINI_IMAGENET, dataset="fc100", split="oreshkin", image_size=32)
@@ -165,7 +170,9 @@ def _all_splits(protocols: dict) -> tuple[str, ...]:
 CHOICES: dict[str, Callable[[], tuple[str, ...]]] = {
     "dataset": _registry("advmaml.data.sources", "DATASETS"),
     "split": _registry("advmaml.data.sources", "PROTOCOLS", _all_splits),
-    "model": _registry("advmaml.models", "VARIANTS"),
+    # The old names stay accepted on the command line: preset() maps them, with a note.
+    "model": lambda: (*_registry("advmaml.models", "names", lambda f: f())(),
+                      *_registry("advmaml.models", "RENAMED")()),
     "kernels": _registry("advmaml.kernels", "KERNELS"),
     "conv_impl": _registry("advmaml.kernels", "CONV_IMPLS"),
     "batch_norm": lambda: BATCH_NORMS,
@@ -186,8 +193,12 @@ def train_attack_config(cfg: Config):
 
 
 def preset(name: str, **overrides) -> Config:
+  """The preset ``name`` with fields replaced; a pre-registry --model name maps to its new one, with a note."""
+  from advmaml import models  # local: keep config import-light
   if name not in PRESETS:
     raise ConfigError(f"--preset={name!r} is unknown; choose one of {sorted(PRESETS)}")
+  if isinstance(overrides.get("model"), str):
+    overrides["model"] = models.canonical_name(overrides["model"])
   return Config(**PRESETS[name]).replace(**overrides)
 
 
@@ -207,7 +218,8 @@ def _finite_floats(cfg: Config) -> None:
 
 def validate(cfg: Config) -> None:
   """Checks what can be checked without data; raises ConfigError naming the flag."""
-  from advmaml.data import sources  # local: keep config import-light
+  from advmaml import models  # local: keep config import-light
+  from advmaml.data import sources
   try:
     sources.check_protocol(cfg.dataset, cfg.split, cfg.rotate)
   except ValueError as e:
@@ -226,6 +238,9 @@ def validate(cfg: Config) -> None:
                       f"{cfg.meta_batch_size}, or be 0 (all tasks at once) or -1 (auto)")
   if not cfg.inner_lr >= 0:
     raise ConfigError(f"--inner_lr={cfg.inner_lr} must be >= 0")
+  if cfg.model not in models.names():   # before the loop: old names are flag choices only
+    renamed = f" (now called {models.RENAMED[cfg.model]!r})" if cfg.model in models.RENAMED else ""
+    raise ConfigError(f"--model={cfg.model!r}{renamed}; choose one of {models.names()}")
   for name, choices in CHOICES.items():   # dataset and split pass: check_protocol checked them
     value, allowed = getattr(cfg, name), choices()
     if value not in allowed:

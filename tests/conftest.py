@@ -1,4 +1,4 @@
-"""Shared fixtures: a small fake Omniglot in the official layout, isolated caches.
+"""Shared fixtures: a small fake Omniglot in the official layout, isolated caches, float64.
 
 Also a persistent XLA compilation cache for the whole test session: many
 tests (and the entry points they start as subprocesses) compile the same
@@ -65,6 +65,15 @@ def tiny_run(fake_omniglot_dir, tmp_path_factory) -> tuple[pathlib.Path, dict]:
 
 DATA_DIR_VARIABLES = ("ADVMAML_DATA_DIR", "ADVMAML_CIFAR_DIR", "ADVMAML_MINI_IMAGENET_DIR",
                       "TFDS_DATA_DIR")
+
+
+@pytest.fixture
+def x64():
+  """float64 arithmetic for one test (finite differences need it)."""
+  import jax  # here: JAX is configured from the environment above before its import
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", False)
 
 
 @pytest.fixture

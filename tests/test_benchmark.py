@@ -14,10 +14,10 @@ from advmaml.config import preset
 from advmaml.models import make_model
 
 
-@pytest.mark.parametrize("variant", ["strided", "maxpool"])
+@pytest.mark.parametrize("variant", ["conv4", "conv4_maxpool"])
 def test_analytic_forward_flops_match_xla_cost_analysis(variant):
   cfg = preset("omniglot_5w1s", model=variant, filters=16)
-  model = make_model(5, (28, 28, 1), filters=16, variant=variant, conv_impl="xla")
+  model = make_model(5, (28, 28, 1), filters=16, model=variant, conv_impl="xla")
   params = model.init(jax.random.key(0))
   batch = 8
   cost = jax.jit(model.apply).lower(params, jnp.zeros((batch, 28, 28, 1))).compile().cost_analysis()
@@ -29,12 +29,13 @@ def test_analytic_forward_flops_match_xla_cost_analysis(variant):
 
 
 def test_run_workload_reports_what_it_promises():
-  work = benchmark.Workload("tiny", "tiny", dict(model="strided", filters=8, meta_batch_size=2,
+  work = benchmark.Workload("tiny", "tiny", dict(model="conv4", filters=8, meta_batch_size=2,
                                                  inner_steps=1), q_query=2)
   r = benchmark.run_workload(work, repeats=2, min_steps=2, min_seconds=0.1, peak_gflops=100.0)
   assert r["throughput_min"] <= r["throughput_median"] <= r["throughput_max"]
   assert r["throughput_min"] > 0 and r["compile_s"] > 0 and r["peak_bytes"] > 0
   # A second-order meta-step costs several forward passes over its images.
+  assert r["forward_flops_per_image"] == r["forward_flops_per_image_analytic"]  # im2col: every tap
   forward = r["forward_flops_per_image_analytic"] * r["images_per_step"]
   assert 2 * forward < r["flops_per_step"] < 20 * forward
   # One inner step, no attack: the only loop is over task chunks, which XLA's count sees
@@ -46,10 +47,30 @@ def test_run_workload_reports_what_it_promises():
 
 
 def test_every_listed_workload_builds():
-  assert {f"B{i}" for i in range(1, 5)} | {f"B{i}-strided" for i in range(1, 5)} == set(benchmark.WORKLOADS)
+  assert {f"B{i}" for i in range(1, 5)} | {f"B{i}-strided" for i in range(1, 5)} | {"B5"} == set(
+      benchmark.WORKLOADS)
 
 
-_TINY = dict(model="strided", filters=8, meta_batch_size=2, inner_steps=1)
+def test_resnet12_workload_builds_its_step_on_84x84_images():
+  """B5's meta-step traces (not compiled here) on an 84x84 RGB pool, with the full-width
+  ResNet-12, and its counted forward pass is ResNet-12's: 2 * (conv MACs + head MACs)."""
+  work = benchmark.WORKLOADS["B5"]
+  pool = work.pool(classes=5, examples=6)
+  assert pool.shape == (5, 6, 84, 84, 3)
+  fn, args, cfg = benchmark._build(work, pool)
+  assert (cfg.model, cfg.filters, cfg.meta_batch_size) == ("resnet12", 64, 2)
+  assert sum(x.size for x in jax.tree.leaves(args[0].meta_params)) == 12_427_525
+  assert jax.eval_shape(fn, *args)[1]["loss"].shape == ()
+  macs, side, c_in = 0, 84, 3
+  for c in (64, 160, 320, 640):
+    macs += side * side * (9 * c_in * c + 2 * 9 * c * c + c_in * c)  # stride 1, then pooled
+    side, c_in = side // 2, c
+  exp = benchmark.build_experiment(cfg, work.image_shape)
+  assert benchmark.forward_flops(exp, work.image_shape) == 2 * (macs + 640 * 5)
+  assert benchmark.conv4_forward_flops(cfg, work.image_shape) is None
+
+
+_TINY = dict(model="conv4", filters=8, meta_batch_size=2, inner_steps=1)
 
 # Run under 2 simulated CPU devices: the benchmark's train step splits its tasks over
 # both (the outputs live on both devices) and the record says so.

@@ -71,10 +71,10 @@ def test_convolution_closed_form():
   assert count_flops(conv, x, k) == 2 * (2 * 9 * 9 * 8) * (3 * 3 * 3)
 
 
-@pytest.mark.parametrize("variant", ["strided", "maxpool"])
+@pytest.mark.parametrize("variant", ["conv4", "conv4_maxpool"])
 def test_im2col_forward_equals_the_analytic_count(variant):
   cfg = preset("omniglot_5w1s", model=variant, filters=16)
-  model = make_model(5, (28, 28, 1), filters=16, variant=variant, conv_impl="im2col")
+  model = make_model(5, (28, 28, 1), filters=16, model=variant, conv_impl="im2col")
   params = model.init(jax.random.key(0))
   # im2col multiplies every tap, padding included, which is what the analytic count assumes.
   assert count_flops(model.apply, params, jnp.zeros((8, 28, 28, 1))) == (
@@ -93,7 +93,7 @@ def pool():
 
 
 def test_meta_step_agrees_with_xla_where_it_has_no_loops(pool):
-  work = benchmark.Workload("tiny", "tiny", dict(model="maxpool", filters=32, meta_batch_size=2,
+  work = benchmark.Workload("tiny", "tiny", dict(model="conv4_maxpool", filters=32, meta_batch_size=2,
                                                  inner_steps=1, n_way=5, k_shot=1), q_query=2)
   ours = _step_flops(work, pool, task_chunk=0)
   xla = benchmark._xla_flops(work, pool)
@@ -105,7 +105,7 @@ def test_meta_step_agrees_with_xla_where_it_has_no_loops(pool):
 
 
 def test_inner_and_attack_loops_scale_linearly(pool):
-  tiny = dict(model="strided", filters=8, meta_batch_size=2, n_way=5, k_shot=1)
+  tiny = dict(model="conv4", filters=8, meta_batch_size=2, n_way=5, k_shot=1)
   adapt = benchmark.Workload("a", "a", dict(tiny, eval_inner_steps=1), kind="adapt", q_query=2)
   f = [_step_flops(adapt, pool, inner_steps=s) for s in (1, 2, 3)]
   assert f[2] - f[1] == f[1] - f[0] > 0

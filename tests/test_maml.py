@@ -25,8 +25,8 @@ def tiny_task(key, k=2, q=2, size=8, dtype=jnp.float32) -> Episode:
                  jnp.repeat(jnp.arange(N_WAY), q))
 
 
-def tiny_model(variant="strided", conv_impl="im2col", size=8):
-  return make_model(N_WAY, (size, size, 1), filters=3, variant=variant, conv_impl=conv_impl)
+def tiny_model(variant="conv4", conv_impl="im2col", size=8):
+  return make_model(N_WAY, (size, size, 1), filters=3, model=variant, conv_impl=conv_impl)
 
 
 def outer_loss(learner, meta_params, task):
@@ -49,22 +49,15 @@ def flat_grad_and_fd(learner, meta_params, task, num_coords=12, eps=1e-6, seed=0
   return np.asarray(grad)[idx], np.asarray(fd)
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
-
-
 def to64(tree):
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
 
 
-@pytest.mark.parametrize("variant", ["strided", "maxpool"])
+@pytest.mark.parametrize("variant", ["conv4", "conv4_maxpool"])
 @pytest.mark.parametrize("steps", [1, 2])
 def test_second_order_meta_gradient_matches_finite_differences(x64, variant, steps):
   import jax.flatten_util  # noqa: F401
-  size = 8 if variant == "strided" else 16  # four 2x2 pools need 16 pixels
+  size = 8 if variant == "conv4" else 16  # four 2x2 pools need 16 pixels
   model = tiny_model(variant, size=size)
   learner = Learner(model.apply, inner_steps=steps, inner_lr=0.3)
   meta = to64(learner.init_meta_params(model.init(jax.random.key(0))))

@@ -190,11 +190,11 @@ def test_max_pool_ties_share_the_gradient_as_a_max_reduction_does_to_second_orde
                               rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant,size,feature_shape", [("strided", 28, (2, 2)), ("maxpool", 28, (1, 1)),
-                                                        ("maxpool", 84, (5, 5))])
+@pytest.mark.parametrize("variant,size,feature_shape", [("conv4", 28, (2, 2)), ("conv4_maxpool", 28, (1, 1)),
+                                                        ("conv4_maxpool", 84, (5, 5))])
 def test_conv4_shapes(variant, size, feature_shape):
-  filters = 64 if variant == "strided" else 32
-  model = make_model(5, (size, size, 1), filters=filters, variant=variant)
+  filters = 64 if variant == "conv4" else 32
+  model = make_model(5, (size, size, 1), filters=filters, model=variant)
   params = model.init(jax.random.key(0))
   assert params["head"]["kernel"].shape == (feature_shape[0] * feature_shape[1] * filters, 5)
   assert jax.jit(model.apply)(params, jnp.zeros((7, size, size, 1))).shape == (7, 5)

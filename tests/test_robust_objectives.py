@@ -31,13 +31,6 @@ PGD = attacks.AttackConfig("pgd", "linf", epsilon=0.1, steps=3)
 PGD_L2 = attacks.AttackConfig("pgd", "l2", epsilon=1.0, steps=3)
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
-
-
 def tiny_task(key, dtype=jnp.float32) -> Episode:
   """A random 3-way task of 8x8 images, K=2 support and Q=2 query per class."""
   k1, k2 = jax.random.split(key)

@@ -73,6 +73,7 @@ def test_resume_with_other_settings_is_refused(tiny, tmp_path):
     (dict(n_way=1), "--n_way"),
     (dict(meta_batch_size=0), "--meta_batch_size"),
     (dict(model="resnet"), "--model"),
+    (dict(model="strided"), "--model='strided' .now called 'conv4'"),  # set past preset()'s mapping
     (dict(kernels="gpu"), "--kernels"),
     (dict(batch_norm="query"), "--batch_norm"),
     (dict(kernels="reference", conv_impl="taps"), "--conv_impl=.taps. chooses the cpu kernels"),
@@ -89,6 +90,7 @@ def test_resume_may_change_the_kernels_but_not_the_batch_norm_rule(tmp_path):
   cfg = preset("tiny")
   old = json.loads(cfg.to_json())
   del old["kernels"], old["batch_norm"]
+  old["model"] = "strided"                                      # conv4's name before the registry
   (tmp_path / "config.json").write_text(json.dumps(old))
   check_saved_config(tmp_path, cfg)                          # kernels: saved cpu, now auto
   check_saved_config(tmp_path, cfg.replace(kernels="reference"))
@@ -106,15 +108,19 @@ _LOGITS_BEFORE_KERNELS = {
 }
 
 
-@pytest.mark.parametrize("model", ["strided", "maxpool"])
-def test_checkpoint_from_before_kernels_loads_and_gives_the_same_logits(tmp_path, model):
-  cfg = preset("tiny", image_size=16, model=model)
+@pytest.mark.parametrize("model, now", [("strided", "conv4"), ("maxpool", "conv4_maxpool")])
+def test_checkpoint_from_before_kernels_loads_and_gives_the_same_logits(tmp_path, model, now):
+  """A checkpoint saved under the pre-registry model names, without --kernels and
+  --batch_norm: the same parameter tree, the logits of 24d9eca."""
+  cfg = preset("tiny", image_size=16, model=model)  # the old name, mapped with a note
+  assert cfg.model == now
   tree = state_to_tree(initial_state(build_experiment(cfg, (16, 16, 1)), cfg.seed), cfg)
   del tree["config"]["kernels"], tree["config"]["batch_norm"]
-  tree["step"] = 3   # stored as step 3; a checkpoint's own step must match its folder
+  tree["config"]["model"] = model
+  tree["step"] = 3  # the step folder's number: a checkpoint that disagrees is refused
   checkpoint.save_checkpoint(tmp_path / "checkpoints", 3, tree)
   run = load_checkpointed_run(tmp_path)
-  assert (run.step, run.cfg.kernels, run.cfg.batch_norm) == (3, "cpu", "batch")
+  assert (run.step, run.cfg.kernels, run.cfg.batch_norm, run.cfg.model) == (3, "cpu", "batch", now)
   x = jax.random.uniform(jax.random.key(7), (4, 16, 16, 1))
   np.testing.assert_allclose(run.exp.learner.apply_fn(run.meta_params["model"], x),
                              _LOGITS_BEFORE_KERNELS[model], atol=2e-5)

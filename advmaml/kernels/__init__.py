@@ -2,7 +2,7 @@
 
 A kernel set is a hashable object with three methods::
 
-    conv(x (B, H, W, C), kernel (3, 3, C, O), stride) -> (B, ceil(H/s), ceil(W/s), O)   # 'SAME'
+    conv(x (B, H, W, C), kernel (kh, kw, C, O), stride) -> (B, ceil(H/s), ceil(W/s), O)  # 'SAME'
     batch_norm(x (..., C), scale (C,), bias (C,), epsilon) -> (..., C)  # x's own statistics
     max_pool(x (B, H, W, C)) -> (B, H//2, W//2, C)                      # 2x2, stride 2
 

@@ -386,7 +386,7 @@ class CpuKernels:
       raise ValueError(f"unknown conv_impl {self.conv_impl!r}; choose one of {CONV_IMPLS}")
 
   def conv(self, x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """'SAME' 3x3 convolution. x: (B, H, W, C), kernel: (3, 3, C, O) -> (B, H', W', O)."""
+    """'SAME' convolution (3x3; ResNet-12's shortcuts 1x1). x: (B, H, W, C), kernel: (kh, kw, C, O) -> (B, H', W', O)."""
     if self.conv_impl == "im2col":
       return conv2d_im2col(x, kernel, stride, self.budget)
     if self.conv_impl == "winograd":
