@@ -51,7 +51,8 @@ def test_compare_prints_the_table_from_the_json_files_and_writes_both_figures(tw
   for line, (name, work) in zip(lines[2:], runs.items()):
     metrics = json.loads((work / "eval_test_robust.json").read_text())["metrics"]
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[:4] == [work.name, "strided", name, "4"]
+    model = json.loads((work / "config.json").read_text())["model"]
+    assert model == "conv4" and cells[:4] == [work.name, model, name, "4"]
     assert cells[5:] == [f"{100 * metrics[k]['mean']:.2f} +- {100 * metrics[k]['ci95']:.2f}%"
                          for k in ("clean_accuracy", "robust_accuracy@0.05",
                                    "robust_accuracy@0.1")]
