@@ -15,7 +15,7 @@ from absl import app, flags, logging
 
 from advmaml.config import validate
 from advmaml.training import train
-from experiments import cli, config_flags, malloc_flag
+from experiments import cli, config_flags
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Folder for config, metrics and checkpoints.",
                               required=True)
@@ -32,21 +32,19 @@ TENSORBOARD = flags.DEFINE_bool("tensorboard", True, "Also write the logged metr
 config_flags.define_config_flags()
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  malloc_flag.apply()
+def _main():
   logging.info(HOST_DEVICES)
   if COORDINATOR.value or DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=COORDINATOR.value,
                                num_processes=NUM_PROCESSES.value, process_id=PROCESS_ID.value)
-  with cli.one_line_errors():
-    cfg = config_flags.config_from_flags()
-    validate(cfg)   # before the config is printed: NaN is refused, not printed
-    logging.info("Config:\n%s", cfg.to_json())
-    train(cfg, WORKDIR.value, trust_unverified=cli.TRUST_UNVERIFIED.value,
-          tensorboard=TENSORBOARD.value)
+  cfg = config_flags.config_from_flags()
+  validate(cfg)   # before the config is printed: NaN is refused, not printed
+  logging.info("Config:\n%s", cfg.to_json())
+  train(cfg, WORKDIR.value, trust_unverified=cli.TRUST_UNVERIFIED.value,
+        tensorboard=TENSORBOARD.value)
 
+
+main = cli.entry_point(_main)
 
 if __name__ == "__main__":
   app.run(main)
