@@ -648,8 +648,46 @@ def per_example(
   return AttackResult(x_adv, jnp.all(correct, axis=0))
 
 
+def alone(
+    cfg_list: Sequence[AttackConfig], logits_fn: LogitsFn, params, x, y, key, *, chunk: int = 0
+) -> AttackResult:
+  """Each example attacked by itself, the rest of its batch left clean (B attacks per config).
+
+  The threat model where the adversary controls one query at a time: example i
+  may move in its ball while the other rows stay at their clean values. Under
+  batch-statistics normalisation the clean rows still enter example i's
+  normalisation (so this is weaker than :func:`per_example`, which moves them
+  against it); with support-set statistics each query's logits depend on it
+  alone, and this equals the joint attack's per-example worst case. Example i's
+  attacks run :func:`worst_case` on the one-row problem with key ``fold_in(key, i)``.
+
+  Args:
+    cfg_list, logits_fn, params, x, y, key: as for :func:`worst_case`.
+    chunk: examples attacked together: 0 all B at once (vmap), n > 0 a ``lax.map``
+      over chunks of n (same results, less memory).
+  Returns:
+    AttackResult with x_adv (B, H, W, C), row i the strongest point found for
+    example i (to be evaluated with the other rows clean), and correct (B,):
+    example i survived every attack on it.
+  """
+  if not cfg_list:
+    raise ValueError("alone needs at least one attack")
+
+  def one(i):
+    def logits_of_row(p, xi):  # xi: (1, H, W, C) -> (1, N), the batch otherwise clean
+      return lax.dynamic_index_in_dim(logits_fn(p, x.at[i].set(xi[0])), i, keepdims=True)
+    row = lambda a: lax.dynamic_index_in_dim(a, i, keepdims=True)
+    res = worst_case(cfg_list, logits_of_row, params, row(x), row(y), jax.random.fold_in(key, i))
+    return res.x_adv[0], res.correct[0]
+
+  rows = jnp.arange(y.shape[0])
+  x_adv, correct = lax.map(one, rows, batch_size=chunk) if chunk else jax.vmap(one)(rows)
+  return AttackResult(x_adv, correct)
+
+
 __all__ = [
     "AttackConfig", "AttackResult", "attack", "fgsm", "pgd", "apgd", "worst_case", "per_example",
+    "alone",
     "perturbation_norm", "project", "pgd_step", "attack_objective", "margin_loss",
     "target_labels", "apgd_checkpoints", "check_ball",
 ]

@@ -26,7 +26,6 @@ through the same mesh ``experiments.train`` and ``experiments.evaluate`` use
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import platform
 import statistics
@@ -156,7 +155,7 @@ def _build(work: Workload, pool, num_devices: int = 1) -> tuple[Callable, tuple,
   mesh = sharding.make_mesh(num_devices)
   sharding.check_divisible(cfg.meta_batch_size, mesh)
   exp = build_experiment(cfg, image_shape_of(pool), sharding.device_count(mesh))
-  meta = exp.learner.init_meta_params(exp.model.init(jax.random.key(0)))
+  meta = exp.learner.init(jax.random.key(0))
   key = jax.random.key(1)
   pool = sharding.replicate(pool, mesh)
   if work.kind == "train":
@@ -166,9 +165,8 @@ def _build(work: Workload, pool, num_devices: int = 1) -> tuple[Callable, tuple,
                            task_chunk=cfg.task_chunk)
     state = sharding.replicate(init_train_state(meta, exp.optimizer), mesh)
     return step, (state, pool, key), cfg
-  metric = functools.partial(clean_accuracy, inner_steps=cfg.eval_inner_steps)
   fn = jax.jit(lambda m, p, k: (m, _evaluate_batch(
-      m, p, k, 0, learner=exp.learner, metric_fn=metric, n_way=cfg.n_way, k_shot=cfg.k_shot,
+      m, p, k, 0, learner=exp.test_learner, metric_fn=clean_accuracy, n_way=cfg.n_way, k_shot=cfg.k_shot,
       q_query=work.q_query, batch_tasks=cfg.meta_batch_size, task_chunk=cfg.task_chunk,
       mesh=mesh)))
   return fn, (sharding.replicate(meta, mesh), pool, key), cfg

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from advmaml import sharding
 from advmaml.data.episodes import Episode, sample_episode
-from advmaml.maml import Learner
+from advmaml.learners.base import FewShotLearner as Learner, adapt_key, query_loss
 from advmaml.meta_step import AUTO_TASK_CHUNK, resolve_task_chunk
 from advmaml.progress import Progress
 
@@ -26,12 +26,10 @@ from advmaml.progress import Progress
 EpisodeMetricFn = Callable[[Learner, dict, Episode, jax.Array], dict]
 
 
-def clean_accuracy(learner: Learner, meta_params: dict, episode: Episode, key, *,
-                   inner_steps: int) -> dict:
-  """Adapt on the support set with ``inner_steps`` steps, score the query set."""
-  del key
-  fast = learner.adapt(meta_params, episode.support_x, episode.support_y, steps=inner_steps)
-  _, accuracy = learner.loss(fast, episode.query_x, episode.query_y)
+def clean_accuracy(learner: Learner, meta_params: dict, episode: Episode, key) -> dict:
+  """Adapt on the support set, score the query set (learner: a "test"-phase learner)."""
+  state = learner.adapt(meta_params, episode.support_x, episode.support_y, adapt_key(key))
+  _, accuracy = query_loss(learner, state, episode.query_x, episode.query_y)
   return {"accuracy": accuracy}
 
 
@@ -88,19 +86,20 @@ def _evaluate_batch(meta_params, pool, key, start, *, learner, metric_fn, n_way,
 
 
 def evaluate_episodes(learner: Learner, meta_params: dict, pool, key, *, num_episodes: int,
-                      n_way: int, k_shot: int, q_query: int, inner_steps: int,
+                      n_way: int, k_shot: int, q_query: int,
                       batch_tasks: int = 50, metric_fn: EpisodeMetricFn | None = None,
                       mesh: Mesh | None = None) -> dict:
   """Runs ``num_episodes`` episodes; returns {metric: {"mean", "ci95", "std", "n"}}.
 
-  pool: (C, D, H, W[, ch]) uint8 class pool. ``metric_fn`` defaults to clean
-  accuracy after ``inner_steps`` adaptation steps; it must be hashable
+  learner: the learner as evaluated (``make_learner(..., phase="test")``: e.g.
+  MAML with its eval_inner_steps). pool: (C, D, H, W[, ch]) uint8 class pool.
+  ``metric_fn`` defaults to clean accuracy; it must be hashable
   (a module-level function or a ``functools.partial`` of one). mesh: optional
   "tasks" mesh (``sharding.make_mesh``) whose devices split each call's episodes;
   the results do not depend on it.
   """
   if metric_fn is None:
-    metric_fn = functools.partial(clean_accuracy, inner_steps=inner_steps)
+    metric_fn = clean_accuracy
   devices = sharding.device_count(mesh)
   if devices == 1:
     mesh = None   # one compiled program for every single-device caller

@@ -53,12 +53,14 @@ def evaluate_lake(learner, meta_params, cfg, runs: Episode, run_names, *, inner_
                   metric_fn=None, seed: int = 0) -> dict:
   """Error rate per run for every accuracy-like metric, and the mean over runs.
 
+  learner: the learner as evaluated (its "test" phase, adapting with
+  ``inner_steps`` steps: the number is only recorded here).
   runs: Episode of uint8 images with a leading run axis (R, 20, H, W, 1).
   Returns {"per_run": {run: {metric: error}}, "mean_error": {metric: {mean, ci95, std, n}}}.
   """
   check_model_fits_lake(cfg)
   if metric_fn is None:
-    metric_fn = functools.partial(clean_accuracy, inner_steps=inner_steps)
+    metric_fn = clean_accuracy
   accuracy = jax.device_get(_score_runs(meta_params, as_float_episodes(runs), jax.random.key(seed),
                                         learner=learner, metric_fn=metric_fn))
   errors = {name: 1.0 - np.asarray(values, np.float64) for name, values in accuracy.items()}

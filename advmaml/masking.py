@@ -42,7 +42,7 @@ from jax import lax
 
 from advmaml import attacks, robust_eval
 from advmaml.attacks import AttackConfig
-from advmaml.maml import Learner
+from advmaml.learners.base import FewShotLearner as Learner, adapt_key
 from advmaml.square import SquareConfig, square
 
 CHECKS = ("transfer", "black_box", "large_epsilon", "loss_progress")
@@ -75,8 +75,7 @@ class MaskingChecks:
     reference: per epsilon, the white-box metric to compare with (the
       prefix of ``<prefix>@<eps>``; gradient attacks only, so that the
       black-box check is not vacuous when AutoAttack's Square is part of it).
-    surrogate: the surrogate's Learner, or None (no transfer check);
-      surrogate_inner_steps its adaptation steps.
+    surrogate: the surrogate's "test"-phase learner, or None (no transfer check).
     black_box_queries: Square's budget, 0: no black-box check.
     large_epsilon: radius of the large-epsilon check, None: off; it uses
       large_epsilon_attacks (names as in robust_eval.attack_config).
@@ -91,7 +90,6 @@ class MaskingChecks:
   n_way: int = 5
   reference: str = "robust_accuracy"
   surrogate: Learner | None = None
-  surrogate_inner_steps: int = 0
   black_box_queries: int = 0
   large_epsilon: float | None = None
   large_epsilon_attacks: tuple[str, ...] = ("pgd", "margin", "apgd")
@@ -137,7 +135,7 @@ def loss_progress(cfg: AttackConfig, logits_fn, params, x, y, key, steps: int
 
 
 def masking_metrics(learner: Learner, meta_params, episode, key, *, base,
-                    checks: MaskingChecks, inner_steps: int) -> dict:
+                    checks: MaskingChecks) -> dict:
   """The evaluation's metrics of one episode plus the enabled checks' numbers.
 
   base: the evaluation's metric fn (its numbers are unchanged: it gets
@@ -154,8 +152,8 @@ def masking_metrics(learner: Learner, meta_params, episode, key, *, base,
   out = dict(base(learner, target, episode, key))
   k_checks = jax.random.fold_in(key, 7919)
   qx, qy = episode.query_x, episode.query_y
-  fast = learner.adapt(target, episode.support_x, episode.support_y, steps=inner_steps)
-  clean = jnp.argmax(learner.apply_fn(fast, qx), -1) == qy
+  fast = learner.adapt(target, episode.support_x, episode.support_y, adapt_key(key))
+  clean = jnp.argmax(learner.logits(fast, qx), -1) == qy
   acc = lambda ok: jnp.mean((clean & ok).astype(jnp.float32))
   # Accuracies are multiples of 1/Q; rounding makes equal counts give a gap of exactly 0
   # (separately reduced means may differ in the last bit).
@@ -163,7 +161,7 @@ def masking_metrics(learner: Learner, meta_params, episode, key, *, base,
   gap = lambda a, b: jnp.round((a - b) * q) / q
   if checks.surrogate is not None:
     fast_s = checks.surrogate.adapt(surrogate, episode.support_x, episode.support_y,
-                                    steps=checks.surrogate_inner_steps)
+                                    adapt_key(key))
   for eps in checks.epsilons:
     # As in robust_eval: the key depends on epsilon's value, not on the other epsilons.
     k = robust_eval._epsilon_key(jax.random.fold_in(k_checks, 0), eps)
@@ -171,20 +169,20 @@ def masking_metrics(learner: Learner, meta_params, episode, key, *, base,
     if checks.surrogate is not None:
       cfg = robust_eval.attack_config("pgd", eps, n_way=checks.n_way, norm=checks.norm,
                                       steps=checks.steps, restarts=checks.restarts)
-      x_adv = attacks.worst_case((cfg,), checks.surrogate.apply_fn, fast_s, qx, qy,
+      x_adv = attacks.worst_case((cfg,), checks.surrogate.logits, fast_s, qx, qy,
                                  jax.random.fold_in(k, 0)).x_adv
-      rob = acc(jnp.argmax(learner.apply_fn(fast, x_adv), -1) == qy)
+      rob = acc(jnp.argmax(learner.logits(fast, x_adv), -1) == qy)
       out[key_for("transfer", eps, "robust_accuracy")] = rob
       out[key_for("transfer", eps, "gap")] = gap(reference, rob)
     if checks.black_box_queries:
       cfg = SquareConfig(norm=checks.norm, epsilon=eps, queries=checks.black_box_queries)
-      rob = acc(square(cfg, learner.apply_fn, fast, qx, qy, jax.random.fold_in(k, 1)).correct)
+      rob = acc(square(cfg, learner.logits, fast, qx, qy, jax.random.fold_in(k, 1)).correct)
       out[key_for("black_box", eps, "robust_accuracy")] = rob
       out[key_for("black_box", eps, "gap")] = gap(reference, rob)
     if checks.progress_steps:
       cfg = robust_eval.attack_config("margin", eps, n_way=checks.n_way, norm=checks.norm,
                                       steps=checks.steps)
-      rise, obj0 = loss_progress(cfg, learner.apply_fn, fast, qx, qy, jax.random.fold_in(k, 2),
+      rise, obj0 = loss_progress(cfg, learner.logits, fast, qx, qy, jax.random.fold_in(k, 2),
                                  min(checks.progress_steps, checks.steps))
       rose = rise > checks.progress_tolerance * jnp.maximum(jnp.abs(obj0), 1.0)
       out[key_for("loss_progress", eps, "fraction")] = acc(rose)
@@ -193,16 +191,16 @@ def masking_metrics(learner: Learner, meta_params, episode, key, *, base,
                                    n_way=checks.n_way, norm=checks.norm, steps=checks.steps,
                                    restarts=checks.restarts)
     large = robust_eval.robust_metrics(learner, target, episode, jax.random.fold_in(k_checks, 1),
-                                       inner_steps=inner_steps, attack_sets=sets)
+                                       attack_sets=sets)
     out[robust_eval.metric_key(checks.large_epsilon, "masking/large_epsilon_robust_accuracy")] = (
         large[robust_eval.metric_key(checks.large_epsilon)])
   return out
 
 
 @functools.lru_cache(maxsize=None)
-def with_masking_metrics(base, checks: MaskingChecks, inner_steps: int):
+def with_masking_metrics(base, checks: MaskingChecks):
   """A hashable metric fn: ``base``'s metrics plus the checks' (cached, so jit reuses it)."""
-  return functools.partial(masking_metrics, base=base, checks=checks, inner_steps=inner_steps)
+  return functools.partial(masking_metrics, base=base, checks=checks)
 
 
 # ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from advmaml.data.episodes import sample_episodes
-from advmaml.maml import Learner
+from advmaml.learners.base import FewShotLearner as Learner
 from advmaml.objectives import Objective
 from advmaml.sharding import device_count, shard_tasks
 

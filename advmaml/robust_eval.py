@@ -36,7 +36,6 @@ object and reuse the compiled evaluation).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import struct
 from typing import NamedTuple, Sequence
@@ -49,7 +48,7 @@ from advmaml import attacks
 from advmaml.attacks import AttackConfig
 from advmaml.autoattack import PARTS as AUTOATTACK_PARTS, AutoAttackConfig, autoattack
 from advmaml.data.episodes import Episode
-from advmaml.maml import Learner
+from advmaml.learners.base import FewShotLearner as Learner, adapt_key
 
 ATTACK_NAMES = ("pgd", "margin", "apgd", "fgsm", "autoattack")
 TARGETS = ("query", "support", "both")
@@ -145,7 +144,7 @@ class _PoisonTrack(NamedTuple):
 
 
 def poison_support(learner: Learner, meta_params: dict, episode: Episode, key: jax.Array, *,
-                   inner_steps: int, cfgs: Sequence[AttackConfig]) -> PoisonResult:
+                   cfgs: Sequence[AttackConfig]) -> PoisonResult:
   """PGD on the support images through the adaptation (one episode, no task axis).
 
   Maximises, for each attack config in turn, the summed ``cfg.loss`` of the
@@ -156,16 +155,15 @@ def poison_support(learner: Learner, meta_params: dict, episode: Episode, key: j
   restart r ``fold_in(fold_in(key, i), r)``.
 
   episode: support_x (S, H, W, C), support_y (S,), query_x (Q, H, W, C), query_y (Q,).
+  learner: a "test"-phase learner (MAML's: second order, so the attacker's
+  gradient goes through the whole inner loop).
   """
-  # The victim's adaptation is the same either way; only the attacker's
-  # gradient needs the second-order path through the inner loop.
-  attacker = dataclasses.replace(learner, first_order=False)
   meta = lax.stop_gradient(meta_params)
   sx, sy, qx, qy = (lax.stop_gradient(a) for a in episode)
+  k_adapt = adapt_key(key)
 
   def query_logits(support_x):  # (S, H, W, C) -> (Q, N)
-    fast = attacker.adapt(meta, support_x, sy, steps=inner_steps)
-    return attacker.apply_fn(fast, qx)
+    return learner.logits(learner.adapt(meta, support_x, sy, k_adapt), qx)
 
   def record(tr: _PoisonTrack, s, logits) -> _PoisonTrack:
     wrong = jnp.argmax(logits, -1) != qy
@@ -230,14 +228,14 @@ def _query_correct(learner: Learner, fast: dict, episode: Episode, key, cfgs, ai
   auto = [c for c in cfgs if isinstance(c, AutoAttackConfig)]
   summed = jnp.ones(qy.shape, bool)
   if plain:
-    summed = attacks.worst_case(plain, learner.apply_fn, fast, qx, qy, key).correct
+    summed = attacks.worst_case(plain, learner.logits, fast, qx, qy, key).correct
   cumulative = None
   if auto:
-    aa = autoattack(auto[0], learner.apply_fn, fast, qx, qy, jax.random.fold_in(key, 2))
+    aa = autoattack(auto[0], learner.logits, fast, qx, qy, jax.random.fold_in(key, 2))
     summed, cumulative = summed & aa.correct, aa.cumulative
   if not aimed_cfgs:
     return summed, summed, cumulative
-  aimed = attacks.per_example(aimed_cfgs, learner.apply_fn, fast, qx, qy,
+  aimed = attacks.per_example(aimed_cfgs, learner.logits, fast, qx, qy,
                               jax.random.fold_in(key, 1), chunk=aim_chunk).correct
   return summed, summed & aimed, cumulative
 
@@ -247,10 +245,9 @@ def _stack(*trees):
 
 
 def robust_metrics(learner: Learner, meta_params: dict, episode: Episode, key: jax.Array, *,
-                   inner_steps: int, attack_sets: tuple[tuple[AttackConfig, ...], ...],
-                   target: str = "query",
+                   attack_sets: tuple[tuple[AttackConfig, ...], ...], target: str = "query",
                    per_example_sets: tuple[tuple[AttackConfig, ...], ...] = (),
-                   per_example_chunk: int = 0) -> dict:
+                   per_example_chunk: int = 0, alone: bool = False) -> dict:
   """Clean and robust query accuracy of one episode (an ``EpisodeMetricFn``).
 
   episode: one task without a task axis (support (S, H, W, C), query (Q, H, W, C)).
@@ -266,7 +263,11 @@ def robust_metrics(learner: Learner, meta_params: dict, episode: Episode, key: j
   under the summed-loss attacks alone (>= robust_accuracy per example); with
   an AutoAttackConfig in the set (target "query" only) also
   ``autoattack_<part>_robust_accuracy@<eps>``, AutoAttack's own robust
-  accuracy after each of its parts.
+  accuracy after each of its parts; with ``alone`` (target "query" only) also
+  ``alone_robust_accuracy@<eps>``: each query attacked by itself with the
+  other queries clean (``attacks.alone``, the set's gradient attacks, key
+  ``fold_in(k_query, 3)``), the threat model where the adversary holds one
+  query; ``robust_accuracy`` is the joint one, where it holds the whole batch.
   The attacks at an epsilon use a key derived from ``key`` and that epsilon:
   query attack ``fold_in(k_eps, 0)``, support attack ``fold_in(k_eps, 1)``.
   """
@@ -275,10 +276,13 @@ def robust_metrics(learner: Learner, meta_params: dict, episode: Episode, key: j
   if target != "query" and any(isinstance(c, AutoAttackConfig) for cfgs in attack_sets
                                for c in cfgs):
     raise ValueError("autoattack attacks the query set; use target 'query'")
+  if alone and target != "query":
+    raise ValueError("alone attacks one query at a time; use target 'query'")
   if per_example_sets and (target == "support" or len(per_example_sets) != len(attack_sets)):
     raise ValueError("per_example_sets need a query attack and one set per epsilon")
-  fast = learner.adapt(meta_params, episode.support_x, episode.support_y, steps=inner_steps)
-  clean_correct = jnp.argmax(learner.apply_fn(fast, episode.query_x), -1) == episode.query_y
+  k_adapt = adapt_key(key)
+  fast = learner.adapt(meta_params, episode.support_x, episode.support_y, k_adapt)
+  clean_correct = jnp.argmax(learner.logits(fast, episode.query_x), -1) == episode.query_y
   correct_by_name = {"clean_accuracy": clean_correct}  # name -> (Q,) bool
   for i, cfgs in enumerate(attack_sets):
     eps = _epsilon_of(cfgs)
@@ -293,19 +297,21 @@ def robust_metrics(learner: Learner, meta_params: dict, episode: Episode, key: j
     if target == "query":
       summed, q_all, cumulative = query(fast)
       summed, correct = clean_correct & summed, clean_correct & q_all
+      if alone:
+        plain = tuple(c for c in cfgs if isinstance(c, AttackConfig)) or tuple(aimed_cfgs)
+        ok = attacks.alone(plain, learner.logits, fast, episode.query_x, episode.query_y,
+                           jax.random.fold_in(k_query, 3), chunk=per_example_chunk).correct
+        correct_by_name[metric_key(eps, "alone_robust_accuracy")] = clean_correct & ok
       if cumulative is not None:
         parts = next(c for c in cfgs if isinstance(c, AutoAttackConfig)).parts
         for name, ok in zip(parts, cumulative):
           correct_by_name[metric_key(eps, f"autoattack_{name}_robust_accuracy")] = clean_correct & ok
     elif target == "support":
-      poisoned = poison_support(learner, meta_params, episode, k_support, inner_steps=inner_steps,
-                                cfgs=cfgs)
+      poisoned = poison_support(learner, meta_params, episode, k_support, cfgs=cfgs)
       correct = clean_correct & poisoned.correct
     else:
-      poisoned = poison_support(learner, meta_params, episode, k_support, inner_steps=inner_steps,
-                                cfgs=cfgs)
-      fast_poisoned = learner.adapt(meta_params, poisoned.support_x, episode.support_y,
-                                    steps=inner_steps)
+      poisoned = poison_support(learner, meta_params, episode, k_support, cfgs=cfgs)
+      fast_poisoned = learner.adapt(meta_params, poisoned.support_x, episode.support_y, k_adapt)
       # One traced attack for both models (clean-adapted, poisoned-adapted): half the compile.
       summed_q, all_q, _ = jax.vmap(query)(_stack(fast, fast_poisoned))  # (2, Q) each
       (s_clean, s_poisoned), (q_clean, q_poisoned) = summed_q, all_q
@@ -326,14 +332,15 @@ def robust_metrics(learner: Learner, meta_params: dict, episode: Episode, key: j
 
 
 def make_metric_fn(attack_names: Sequence[str], epsilons: Sequence[float], *, n_way: int,
-                   inner_steps: int, norm: str = "linf", steps: int = 20, restarts: int = 1,
+                   norm: str = "linf", steps: int = 20, restarts: int = 1,
                    relative_step_size: float | None = None, target: str = "query",
                    per_example: Sequence[str] = (), per_example_chunk: int = 0,
-                   square_queries: int = 5000):
+                   square_queries: int = 5000, alone: bool = False):
   """A hashable metric_fn for ``evaluate_episodes``: clean plus robust accuracy
   per epsilon, under the worst case of the named attacks (see
   :func:`attack_config`) and, with ``per_example`` names, of those attacks
-  aimed at each query example (same steps and restarts). Cached, so equal
+  aimed at each query example (same steps and restarts); with ``alone``, also
+  each query attacked by itself (see :func:`robust_metrics`). Cached, so equal
   arguments give the same object and jit reuses its compiled evaluation (a
   partial hashes by identity)."""
   if target not in TARGETS:
@@ -345,29 +352,31 @@ def make_metric_fn(attack_names: Sequence[str], epsilons: Sequence[float], *, n_
   if "autoattack" in per_example:
     raise ValueError("autoattack cannot be aimed at one example; per_example takes gradient attacks")
   return _cached_metric_fn(tuple(attack_names), tuple(float(e) for e in epsilons), n_way,
-                           inner_steps, norm, steps, restarts, relative_step_size, target,
-                           tuple(per_example), int(per_example_chunk), int(square_queries))
+                           norm, steps, restarts, relative_step_size, target,
+                           tuple(per_example), int(per_example_chunk), int(square_queries),
+                           bool(alone))
 
 
 @functools.lru_cache(maxsize=None)
-def _cached_metric_fn(names, epsilons, n_way, inner_steps, norm, steps, restarts,
-                      relative_step_size, target, per_example, per_example_chunk, square_queries):
+def _cached_metric_fn(names, epsilons, n_way, norm, steps, restarts,
+                      relative_step_size, target, per_example, per_example_chunk, square_queries,
+                      alone=False):
   kwargs = dict(n_way=n_way, norm=norm, steps=steps, restarts=restarts,
                 relative_step_size=relative_step_size, square_queries=square_queries)
   sets = attack_sets(names, epsilons, **kwargs)
   aimed = attack_sets(per_example, epsilons, **kwargs) if per_example else ()
-  return functools.partial(robust_metrics, inner_steps=inner_steps, attack_sets=sets,
+  return functools.partial(robust_metrics, attack_sets=sets,
                            target=target, per_example_sets=aimed,
-                           per_example_chunk=per_example_chunk)
+                           per_example_chunk=per_example_chunk, alone=alone)
 
 
 # ----------------------------------------------------------------------------
 # Examples for plots.
 
 
-@functools.partial(jax.jit, static_argnames=("learner", "inner_steps", "cfgs", "target"))
+@functools.partial(jax.jit, static_argnames=("learner", "cfgs", "target"))
 def adversarial_examples(learner: Learner, meta_params: dict, episode: Episode, key: jax.Array, *,
-                         inner_steps: int, cfgs: tuple[AttackConfig, ...],
+                         cfgs: tuple[AttackConfig, ...],
                          target: str = "query") -> dict:
   """Clean and attacked images of one episode, with predictions, for plotting.
 
@@ -383,24 +392,24 @@ def adversarial_examples(learner: Learner, meta_params: dict, episode: Episode, 
   eps = _epsilon_of(cfgs)
   k_eps = _epsilon_key(key, eps)
   k_query, k_support = jax.random.fold_in(k_eps, 0), jax.random.fold_in(k_eps, 1)
-  predict = lambda p, x: jnp.argmax(learner.apply_fn(p, x), -1)
-  fast = learner.adapt(meta_params, episode.support_x, episode.support_y, steps=inner_steps)
+  predict = lambda p, x: jnp.argmax(learner.logits(p, x), -1)
+  k_adapt = adapt_key(key)
+  fast = learner.adapt(meta_params, episode.support_x, episode.support_y, k_adapt)
   adv_fast = fast
   if target in ("support", "both"):
-    support_adv = poison_support(learner, meta_params, episode, k_support,
-                                 inner_steps=inner_steps, cfgs=cfgs).support_x
-    adv_fast = learner.adapt(meta_params, support_adv, episode.support_y, steps=inner_steps)
+    support_adv = poison_support(learner, meta_params, episode, k_support, cfgs=cfgs).support_x
+    adv_fast = learner.adapt(meta_params, support_adv, episode.support_y, k_adapt)
   if target == "support":
     return {"clean_x": episode.support_x, "adv_x": support_adv, "y": episode.support_y,
             "clean_pred": predict(fast, episode.support_x),
             "adv_pred": predict(adv_fast, support_adv)}
   plain = tuple(c for c in cfgs if isinstance(c, AttackConfig))
   if plain:
-    x_adv = attacks.worst_case(plain, learner.apply_fn, adv_fast, episode.query_x,
+    x_adv = attacks.worst_case(plain, learner.logits, adv_fast, episode.query_x,
                                episode.query_y, k_query).x_adv
   else:  # AutoAttack alone, with its key in robust_metrics
     auto = next(c for c in cfgs if isinstance(c, AutoAttackConfig))
-    x_adv = autoattack(auto, learner.apply_fn, adv_fast, episode.query_x, episode.query_y,
+    x_adv = autoattack(auto, learner.logits, adv_fast, episode.query_x, episode.query_y,
                        jax.random.fold_in(k_query, 2)).x_adv
   return {"clean_x": episode.query_x, "adv_x": x_adv, "y": episode.query_y,
           "clean_pred": predict(fast, episode.query_x), "adv_pred": predict(adv_fast, x_adv)}

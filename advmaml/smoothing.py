@@ -37,7 +37,7 @@ from jax.scipy.special import betainc
 from jax.scipy.stats import norm
 
 from advmaml.attacks import LogitsFn
-from advmaml.maml import Learner
+from advmaml.learners.base import FewShotLearner as Learner, adapt_key
 from advmaml.robust_eval import metric_key
 
 _BISECTION_STEPS = 40   # halvings of [0, 1]: width 2^-40, far below float32's betainc error
@@ -157,7 +157,7 @@ def certify(cfg: SmoothingConfig, logits_fn: LogitsFn, params, x: jax.Array,
 
 
 def certified_metrics(learner: Learner, meta_params: dict, episode, key: jax.Array, *,
-                      inner_steps: int, cfg: SmoothingConfig) -> dict:
+                      cfg: SmoothingConfig) -> dict:
   """Per-episode metrics (an ``EpisodeMetricFn``): adapt on the clean support
   set, certify every query example of the adapted model.
 
@@ -166,12 +166,12 @@ def certified_metrics(learner: Learner, meta_params: dict, episode, key: jax.Arr
   abstention_rate, certified_accuracy@<r> per radius (right and certified at
   radius >= r) and mean_certified_radius (the radius where right, else 0).
   """
-  fast = learner.adapt(meta_params, episode.support_x, episode.support_y, steps=inner_steps)
+  fast = learner.adapt(meta_params, episode.support_x, episode.support_y, adapt_key(key))
   qy = episode.query_y
-  cert = certify(cfg, learner.apply_fn, fast, episode.query_x, key)
+  cert = certify(cfg, learner.logits, fast, episode.query_x, key)
   right = cert.prediction == qy
   mean = lambda v: jnp.mean(v.astype(jnp.float32))
-  out = {"clean_accuracy": mean(jnp.argmax(learner.apply_fn(fast, episode.query_x), -1) == qy),
+  out = {"clean_accuracy": mean(jnp.argmax(learner.logits(fast, episode.query_x), -1) == qy),
          "smoothed_accuracy": mean(right), "abstention_rate": mean(cert.prediction < 0),
          "mean_certified_radius": mean(jnp.where(right, cert.radius, 0.0))}
   for r in cfg.radii:
@@ -180,9 +180,9 @@ def certified_metrics(learner: Learner, meta_params: dict, episode, key: jax.Arr
 
 
 @functools.lru_cache(maxsize=None)
-def make_metric_fn(cfg: SmoothingConfig, inner_steps: int):
+def make_metric_fn(cfg: SmoothingConfig):
   """A hashable metric_fn for ``evaluate_episodes`` (cached: jit reuses it)."""
-  return functools.partial(certified_metrics, inner_steps=inner_steps, cfg=cfg)
+  return functools.partial(certified_metrics, cfg=cfg)
 
 
 __all__ = ["SmoothingConfig", "Certificate", "clopper_pearson_lower", "sample_counts", "certify",

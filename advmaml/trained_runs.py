@@ -43,6 +43,15 @@ def _run_from_tree(tree, source: str, data_dir: str | None) -> TrainedRun:
   return TrainedRun(cfg, exp, state.meta_params, int(state.step), source)
 
 
+def test_learner(cfg: Config, *, inner_steps: int | None = None, num_devices: int = 1):
+  """The learner as evaluated: ``cfg``'s "test" phase, optionally with other
+  adaptation steps (``inner_steps`` replaces ``eval_inner_steps``), its kernels
+  sized for ``num_devices`` devices' share of the cores."""
+  if inner_steps is not None:
+    cfg = cfg.replace(eval_inner_steps=inner_steps)
+  return build_experiment(cfg, image_shape_for(cfg), num_devices).test_learner
+
+
 def image_shape_for(cfg: Config) -> tuple[int, int, int]:
   """(H, W, C) of the dataset's images: grayscale Omniglot, RGB otherwise."""
   channels = 1 if cfg.dataset.startswith("omniglot") else 3
@@ -105,33 +114,35 @@ def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_
   inner_steps = cfg.eval_inner_steps if inner_steps is None else inner_steps
   first, _ = evaluation_episode(jax.numpy.asarray(splits[split].images), jax.random.key(seed), 0,
                                 cfg.n_way, cfg.k_shot, cfg.eval_q_query)
-  check_outputs_finite(run, first, inner_steps)
   # The same network with its kernels sized for this layout's share of the cores per device.
-  learner = build_experiment(cfg, image_shape_for(cfg), sharding.device_count(mesh)).learner
+  learner = test_learner(cfg, inner_steps=inner_steps, num_devices=sharding.device_count(mesh))
+  check_outputs_finite(run, first, learner)
   results = evaluate_episodes(
       learner, run.meta_params if metric_params is None else metric_params,
       splits[split].images, jax.random.key(seed),
       num_episodes=num_episodes, n_way=cfg.n_way, k_shot=cfg.k_shot, q_query=cfg.eval_q_query,
-      inner_steps=inner_steps, batch_tasks=cfg.eval_batch_tasks, metric_fn=metric_fn, mesh=mesh)
+      batch_tasks=cfg.eval_batch_tasks, metric_fn=metric_fn, mesh=mesh)
   return {"checkpoint": run.source, "step": run.step, "split": split, "protocol": cfg.split,
           "num_episodes": num_episodes, "seed": seed, "inner_steps": inner_steps,
           "n_way": cfg.n_way, "k_shot": cfg.k_shot, "q_query": cfg.eval_q_query,
           "metrics": results}
 
 
-def check_outputs_finite(run: TrainedRun, episode, inner_steps: int) -> None:
+def check_outputs_finite(run: TrainedRun, episode, learner=None) -> None:
   """Refuses a model whose adapted logits on ``episode`` hold NaN/inf.
 
   Finite but huge parameters (a run that diverged after its last finite
   checkpoint) give NaN logits, whose argmax is a constant class: evaluation
   would report chance accuracy with a zero-width interval as if it meant
   something. episode: one Episode (support_x (S, H, W, C) float in [0, 1], ...).
+  learner: the learner as evaluated (default ``run.exp.test_learner``).
   """
+  learner = run.exp.test_learner if learner is None else learner
+
   @jax.jit
   def logits(meta_params, episode):
-    fast = run.exp.learner.adapt(meta_params, episode.support_x, episode.support_y,
-                                 steps=inner_steps)
-    return run.exp.learner.apply_fn(fast, episode.query_x)
+    state = learner.adapt(meta_params, episode.support_x, episode.support_y, jax.random.key(0))
+    return learner.logits(state, episode.query_x)
   if not bool(jax.numpy.isfinite(logits(run.meta_params, episode)).all()):
     raise checkpoint.CheckpointError(
         f"{run.source}: the model's logits are NaN or inf after adapting on an evaluation "

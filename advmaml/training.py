@@ -26,11 +26,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from advmaml import checkpoint, host, sharding
+from advmaml import checkpoint, host, optimizers, sharding
 from advmaml.config import Config, ConfigError, validate, validate_against_data, with_legacy_defaults
 from advmaml.data.sources import load_class_splits
 from advmaml.evaluation import evaluate_episodes
-from advmaml.maml import Learner
+from advmaml.learners import FewShotLearner, make_learner
 from advmaml.meta_step import TrainState, init_train_state, make_train_step
 from advmaml.models import ModelSpec, make_model
 from advmaml.objectives import get_objective
@@ -51,22 +51,22 @@ class Experiment:
   """Everything built from a config that training and evaluation share."""
   cfg: Config
   model: ModelSpec
-  learner: Learner
-  optimizer: optax.GradientTransformation
+  learner: FewShotLearner        # the meta-train step's ("train" phase)
+  test_learner: FewShotLearner   # validation's and evaluation's ("test" phase)
+  optimizer: optax.GradientTransformation   # the outer one, on the learner's meta-parameters
 
 
 def build_experiment(cfg: Config, image_shape, num_devices: int = 1) -> Experiment:
-  """The network, learner and optimizer of ``cfg`` for images of image_shape (H, W, C).
+  """The network, learners and outer optimizer of ``cfg`` for images of image_shape (H, W, C).
 
   num_devices: devices each step (or evaluation call) is split over; the CPU
   kernels size their image chunks for one device's share of the cores.
   """
   model = make_model(cfg.n_way, image_shape, cfg.filters, cfg.model, cfg.conv_impl,
                      kernels=cfg.kernels, cores_per_device=host.cores_per_device(num_devices))
-  freeze_stats = model.freeze_batch_stats if cfg.batch_norm == "support" else None
-  learner = Learner(model.apply, cfg.inner_steps, cfg.inner_lr, cfg.first_order,
-                    cfg.meta_sgd, cfg.anil, model.head_names, cfg.remat, freeze_stats)
-  return Experiment(cfg, model, learner, optax.adam(cfg.outer_lr))
+  return Experiment(cfg, model, make_learner(cfg, model, phase="train"),
+                    make_learner(cfg, model, phase="test"),
+                    optimizers.outer_optimizer(cfg.outer_optimizer, cfg.outer_lr))
 
 
 def image_shape_of(pool) -> tuple[int, ...]:
@@ -82,8 +82,7 @@ def run_keys(seed: int):
 
 
 def initial_state(exp: Experiment, seed: int) -> TrainState:
-  params = exp.model.init(run_keys(seed)[0])
-  return init_train_state(exp.learner.init_meta_params(params), exp.optimizer)
+  return init_train_state(exp.learner.init(run_keys(seed)[0]), exp.optimizer)
 
 
 # -- checkpoints of TrainState as plain containers ----------------------------
@@ -324,10 +323,9 @@ def _train_locked(cfg: Config, workdir: pathlib.Path, trust_unverified: bool,
                    format_duration(now - t_start),
                    format_duration((cfg.num_steps - step) / max(rate, 1e-9)))
     if eval_now:
-      val = evaluate_episodes(exp.learner, state.meta_params, val_pool, val_key,
+      val = evaluate_episodes(exp.test_learner, state.meta_params, val_pool, val_key,
                               num_episodes=cfg.val_episodes, n_way=cfg.n_way, k_shot=cfg.k_shot,
-                              q_query=cfg.eval_q_query, inner_steps=cfg.eval_inner_steps,
-                              batch_tasks=cfg.eval_batch_tasks, mesh=mesh)
+                              q_query=cfg.eval_q_query, batch_tasks=cfg.eval_batch_tasks, mesh=mesh)
       record = {"step": step, "split": "val", "accuracy": val["accuracy"]["mean"],
                 "ci95": val["accuracy"]["ci95"]}
       append_metrics(metrics_path, record)

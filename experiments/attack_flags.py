@@ -53,6 +53,11 @@ PER_EXAMPLE_CHUNK = flags.DEFINE_integer(
     "per_example_chunk", 0,
     "Aimed attacks vmapped together (0: all N*Q of an episode at once); smaller uses less "
     "memory, same results.")
+ATTACK_ALONE = flags.DEFINE_bool(
+    "attack_alone", False,
+    "Also the non-transductive threat model: each query attacked by itself with the other "
+    "queries left clean (the gradient attacks of --attacks), reported as "
+    "alone_robust_accuracy@<eps> beside the joint robust_accuracy@<eps>. Query attacks only.")
 PLOT = flags.DEFINE_bool(
     "plot", None, "Write robustness_<split>.png and adversarial_examples_<split>.png next to "
     "the workdir's JSON (default: on when --epsilons is given).")
@@ -71,6 +76,7 @@ class AttackSettings:
   per_example_chunk: int = 0
   square_queries: int = 5000
   preset: str = "fast"
+  alone: bool = False                 # also each query attacked with the others clean
 
 
 def _attack_names(flag, value=None) -> tuple[str, ...]:
@@ -134,6 +140,8 @@ def attack_settings_from_flags() -> AttackSettings:
     raise app.UsageError(f"--attack_target={ATTACK_TARGET.value!r}; choose one of {robust_eval.TARGETS}")
   if SQUARE_QUERIES.value < 1:
     raise app.UsageError(f"--square_queries={SQUARE_QUERIES.value} must be at least 1")
+  if ATTACK_ALONE.value and ATTACK_TARGET.value != "query":
+    raise app.UsageError("--attack_alone attacks one query at a time; use --attack_target=query")
   if "autoattack" in names and ATTACK_TARGET.value != "query":
     raise app.UsageError("--attacks=autoattack attacks the query set; use --attack_target=query")
   if PLOT.value and not epsilons:
@@ -141,18 +149,19 @@ def attack_settings_from_flags() -> AttackSettings:
   plot = bool(epsilons) if PLOT.value is None else PLOT.value
   return AttackSettings(names, tuple(epsilons), NORM.value, steps, restarts,
                         ATTACK_TARGET.value, plot, _per_example_names(ATTACK_TARGET.value),
-                        PER_EXAMPLE_CHUNK.value, SQUARE_QUERIES.value, ATTACK_PRESET.value)
+                        PER_EXAMPLE_CHUNK.value, SQUARE_QUERIES.value, ATTACK_PRESET.value,
+                        ATTACK_ALONE.value)
 
 
-def metric_fn_from_settings(settings: AttackSettings, n_way: int, inner_steps: int):
+def metric_fn_from_settings(settings: AttackSettings, n_way: int):
   """The per-episode metric: None (clean accuracy) without epsilons, else clean + robust."""
   if not settings.epsilons:
     return None
   return robust_eval.make_metric_fn(
-      settings.names, settings.epsilons, n_way=n_way, inner_steps=inner_steps,
+      settings.names, settings.epsilons, n_way=n_way,
       norm=settings.norm, steps=settings.steps, restarts=settings.restarts, target=settings.target,
       per_example=settings.per_example, per_example_chunk=settings.per_example_chunk,
-      square_queries=settings.square_queries)
+      square_queries=settings.square_queries, alone=settings.alone)
 
 
 def attack_record(settings: AttackSettings, n_way: int) -> dict:
@@ -168,7 +177,7 @@ def attack_record(settings: AttackSettings, n_way: int) -> dict:
             "epsilons": list(settings.epsilons),
             "norm": settings.norm, "steps": settings.steps, "restarts": settings.restarts,
             "target": settings.target, "configs": configs(settings.names),
-            "per_example": list(settings.per_example)}
+            "per_example": list(settings.per_example), "alone": settings.alone}
   if settings.per_example:
     record["per_example_configs"] = configs(settings.per_example)
   return record

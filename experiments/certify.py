@@ -79,10 +79,9 @@ def _main():
                              trust_unverified=cli.TRUST_UNVERIFIED.value)
   if EPISODE_BATCH.value:
     run = dataclasses.replace(run, cfg=run.cfg.replace(eval_batch_tasks=EPISODE_BATCH.value))
-  inner_steps = run.cfg.eval_inner_steps if INNER_STEPS.value is None else INNER_STEPS.value
   record = evaluate_trained(run, splits, split=SPLIT.value, num_episodes=EPISODES.value,
                             seed=SEED.value, inner_steps=INNER_STEPS.value,
-                            metric_fn=smoothing.make_metric_fn(cfg, inner_steps),
+                            metric_fn=smoothing.make_metric_fn(cfg),
                             num_devices=NUM_DEVICES.value)
   record["certify"] = {"sigma": cfg.sigma, "radii": list(cfg.radii), "n0": cfg.n0, "n": cfg.n,
                        "alpha": cfg.alpha, "sample_batch": cfg.batch, "norm": "l2",

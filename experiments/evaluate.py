@@ -38,7 +38,7 @@ from absl import app, flags, logging
 
 from advmaml import masking, plots, robust_eval
 from advmaml.evaluation import evaluation_episode
-from advmaml.trained_runs import evaluate_trained, load_trained, write_json
+from advmaml.trained_runs import evaluate_trained, load_trained, test_learner, write_json
 from experiments.attack_flags import (AttackSettings, attack_record, attack_settings_from_flags,
                                       metric_fn_from_settings)
 from experiments import cli, masking_flags, run_flags
@@ -64,7 +64,7 @@ def _write_plots(run, splits, record, settings: AttackSettings, folder: pathlib.
                                            jax.random.key(record["seed"]), 0, cfg.n_way,
                                            cfg.k_shot, cfg.eval_q_query)
   ex = jax.device_get(robust_eval.adversarial_examples(
-      run.exp.learner, run.meta_params, episode, metric_key, inner_steps=record["inner_steps"],
+      test_learner(cfg, inner_steps=record["inner_steps"]), run.meta_params, episode, metric_key,
       cfgs=cfgs, target=settings.target))
   grid = plots.plot_adversarial_grid(
       ex["clean_x"], ex["adv_x"], ex["y"], ex["clean_pred"], ex["adv_pred"],
@@ -81,13 +81,12 @@ def _main():
   masking_flags.check_flags(settings)
   run, splits = load_trained(WORKDIR.value, DATA_DIR.value,
                              trust_unverified=cli.TRUST_UNVERIFIED.value)
-  inner_steps = run.cfg.eval_inner_steps if INNER_STEPS.value is None else INNER_STEPS.value
-  metric_fn = metric_fn_from_settings(settings, run.cfg.n_way, inner_steps)
+  metric_fn = metric_fn_from_settings(settings, run.cfg.n_way)
   checks = masking_flags.masking_settings_from_flags(settings, run,
                                                      trust_unverified=cli.TRUST_UNVERIFIED.value)
   metric_params = None
   if checks is not None:
-    metric_fn = masking.with_masking_metrics(metric_fn, checks.checks, inner_steps)
+    metric_fn = masking.with_masking_metrics(metric_fn, checks.checks)
     metric_params = checks.metric_params(run)
   record = evaluate_trained(run, splits, split=SPLIT.value, num_episodes=EPISODES.value,
                             seed=SEED.value, inner_steps=INNER_STEPS.value, metric_fn=metric_fn,

@@ -14,7 +14,7 @@ from absl import app, flags, logging
 
 from advmaml.data.lake_runs import load_lake_runs
 from advmaml.lake_eval import as_float_episodes, check_model_fits_lake, evaluate_lake
-from advmaml.trained_runs import check_outputs_finite, load_checkpointed_run, write_json
+from advmaml.trained_runs import check_outputs_finite, load_checkpointed_run, test_learner, write_json
 from experiments.attack_flags import attack_record, attack_settings_from_flags, metric_fn_from_settings
 from experiments import cli
 
@@ -36,9 +36,10 @@ def _main():
   check_model_fits_lake(cfg)   # before decoding the runs: fail fast
   runs, names = load_lake_runs(RUNS.value, image_size=cfg.image_size)
   inner_steps = cfg.eval_inner_steps if INNER_STEPS.value is None else INNER_STEPS.value
-  metric_fn = metric_fn_from_settings(settings, cfg.n_way, inner_steps)
-  check_outputs_finite(run, jax.tree.map(lambda x: x[0], as_float_episodes(runs)), inner_steps)
-  record = evaluate_lake(run.exp.learner, run.meta_params, cfg, runs, names, inner_steps=inner_steps,
+  metric_fn = metric_fn_from_settings(settings, cfg.n_way)
+  learner = test_learner(cfg, inner_steps=inner_steps)
+  check_outputs_finite(run, jax.tree.map(lambda x: x[0], as_float_episodes(runs)), learner)
+  record = evaluate_lake(learner, run.meta_params, cfg, runs, names, inner_steps=inner_steps,
                          metric_fn=metric_fn, seed=SEED.value)
   record.update(checkpoint=run.source, step=run.step, runs_file=str(RUNS.value))
   if settings.epsilons:

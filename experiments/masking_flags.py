@@ -12,7 +12,7 @@ import pathlib
 
 from absl import app, flags, logging
 
-from advmaml import masking, robust_eval
+from advmaml import masking
 from advmaml.trained_runs import TrainedRun, image_shape_for, load_checkpointed_run
 from experiments.attack_flags import AttackSettings
 
@@ -125,8 +125,7 @@ def masking_settings_from_flags(settings: AttackSettings, run: TrainedRun, *,
   checks = masking.MaskingChecks(
       epsilons=settings.epsilons, norm=settings.norm, steps=settings.steps,
       restarts=settings.restarts, n_way=run.cfg.n_way, reference=reference,
-      surrogate=None if surrogate is None else surrogate.exp.learner,
-      surrogate_inner_steps=0 if surrogate is None else surrogate.cfg.eval_inner_steps,
+      surrogate=None if surrogate is None else surrogate.exp.test_learner,
       black_box_queries=settings.square_queries if BLACK_BOX.value else 0,
       large_epsilon=large, large_epsilon_attacks=plain,
       progress_steps=steps if LOSS_PROGRESS.value else 0)

@@ -619,6 +619,47 @@ def test_per_example_breaks_what_the_summed_loss_cannot():
   np.testing.assert_array_equal(chunked.x_adv, aimed.x_adv)
 
 
+def test_alone_attacks_one_query_with_the_others_clean():
+  """Closed form on the centred model: alone, row i reaches u_i = 0.5 + eps with the
+  others at 0.5, so u_i - mean(u) = (1 - 1/n) eps < t = eps and nothing breaks, where the
+  joint adversary (per_example) breaks every row; large enough eps breaks each alone."""
+  n, eps = 4, 0.1
+  x, y = np.full((n, 1, 1, 1), 0.5, np.float32), np.zeros(n, np.int32)
+  params = {"t": np.float32(eps)}
+  cfgs = lambda e: [AttackConfig("pgd", loss="margin", epsilon=e, steps=10, random_start=False),
+                    AttackConfig("apgd", loss="dlr", epsilon=e, steps=10, random_start=False)]
+
+  @jit
+  def go(params, x, y, key):
+    return (A.alone(cfgs(eps), centred_logits, params, x, y, key),
+            A.alone(cfgs(eps), centred_logits, params, x, y, key, chunk=3),
+            A.per_example(cfgs(eps), centred_logits, params, x, y, key),
+            A.alone(cfgs(0.3), centred_logits, params, x, y, key))
+
+  alone, chunked, joint, large = jax.device_get(go(params, x, y, jax.random.key(33)))
+  assert np.all(alone.correct) and not np.any(joint.correct)
+  np.testing.assert_allclose(alone.x_adv.reshape(n), 0.5 + eps, atol=1e-6)
+  np.testing.assert_array_equal(chunked.x_adv, alone.x_adv)
+  assert not np.any(large.correct)       # (1 - 1/4) * 0.3 > 0.1: each row breaks alone
+
+
+def test_alone_equals_the_summed_attack_without_coupling():
+  """On a linear model (rows independent) each row alone moves as in the summed attack."""
+  rng = _rng(34)
+  n = 10
+  params = {"w": _f32(rng.normal(size=(D, 3))), "b": _f32(0.1 * rng.normal(size=3))}
+  x = _f32(rng.uniform(0.2, 0.8, (n,) + HW))
+  y = np.argmax(_np_linear(params, x), -1).astype(np.int32)
+  cfg = AttackConfig("pgd", loss="margin", epsilon=0.15, steps=10, random_start=False)
+  summed = jax.device_get(jit(lambda p, x, y: A.worst_case([cfg], linear_logits, p, x, y,
+                                                           jax.random.key(0)))(params, x, y))
+  alone = jax.device_get(jit(lambda p, x, y: A.alone([cfg], linear_logits, p, x, y,
+                                                     jax.random.key(0)))(params, x, y))
+  assert 0 < summed.correct.sum() < n                  # some rows break, some do not
+  np.testing.assert_array_equal(alone.correct, summed.correct)
+  np.testing.assert_allclose(alone.x_adv, summed.x_adv, atol=1e-6)
+
+
 def test_per_example_equals_summed_without_coupling():
   """A linear model does not couple its rows: the attack aimed at example i
   moves row i exactly as the summed-loss attack does (same start, same

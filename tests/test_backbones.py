@@ -3,6 +3,8 @@ registered from outside the library trained and evaluated, pre-registry model na
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,7 @@ from jax.test_util import check_grads
 from advmaml import models
 from advmaml.config import Config, ConfigError, preset, validate
 from advmaml.evaluation import evaluate_episodes
-from advmaml.maml import cross_entropy
+from advmaml.learners import cross_entropy
 from advmaml.meta_step import init_train_state, make_train_step
 from advmaml.models import BatchStatNorm, Conv, make_model
 from advmaml.models.resnet12 import widths
@@ -150,8 +152,8 @@ def test_a_registered_backbone_trains_and_evaluates_without_library_changes(toy_
     state, metrics = step(state, pool, jax.random.key(1))
     losses.append(float(metrics["loss"]))
   assert np.mean(losses[-5:]) < np.mean(losses[:5])
-  out = evaluate_episodes(exp.learner, state.meta_params, pool, jax.random.key(2),
-                          num_episodes=8, n_way=3, k_shot=2, q_query=2, inner_steps=2,
+  out = evaluate_episodes(dataclasses.replace(exp.test_learner, inner_steps=2), state.meta_params,
+                          pool, jax.random.key(2), num_episodes=8, n_way=3, k_shot=2, q_query=2,
                           batch_tasks=4)
   assert out["accuracy"]["n"] == 8 and out["accuracy"]["mean"] > 1 / 3
 

@@ -3,6 +3,8 @@ reference kernels, the CPU kernels against them to second order, support-set sta
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ from advmaml import robust_eval
 from advmaml.config import preset
 from advmaml.evaluation import evaluate_episodes
 from advmaml.kernels import ChunkBudget, CpuKernels
-from advmaml.maml import Learner, cross_entropy
+from advmaml.learners import MAML as Learner, cross_entropy, query_loss
 from advmaml.models import make_model
 from advmaml.training import build_experiment
 
@@ -174,8 +176,9 @@ def test_support_statistics_in_evaluation_under_attack():
   rng = np.random.default_rng(0)
   patterns = rng.integers(0, 256, (6, 1, SIZE, SIZE))
   pool = np.clip(patterns + rng.integers(-20, 20, (6, 8, SIZE, SIZE)), 0, 255).astype(np.uint8)
-  metric = robust_eval.make_metric_fn(["pgd"], [0.3], n_way=3, inner_steps=5, steps=5)
-  out = evaluate_episodes(exp.learner, meta, pool, jax.random.key(1), num_episodes=4, n_way=3,
-                          k_shot=1, q_query=2, inner_steps=5, batch_tasks=4, metric_fn=metric)
+  metric = robust_eval.make_metric_fn(["pgd"], [0.3], n_way=3, steps=5)
+  learner = dataclasses.replace(exp.test_learner, inner_steps=5)
+  out = evaluate_episodes(learner, meta, pool, jax.random.key(1), num_episodes=4, n_way=3,
+                          k_shot=1, q_query=2, batch_tasks=4, metric_fn=metric)
   clean, robust = out["clean_accuracy"]["mean"], out["robust_accuracy@0.3"]["mean"]
   assert clean > 0.5 and robust < clean, out

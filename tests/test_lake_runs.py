@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import pathlib
@@ -121,9 +123,10 @@ def test_scores_a_model_that_can_fit_the_runs(tmp_path):
   exp = build_experiment(cfg, (28, 28, 1))
   meta = initial_state(exp, 0).meta_params
   runs, names = load_lake_runs(write_runs(tmp_path / "all_runs.zip"))
-  result = evaluate_lake(exp.learner, meta, cfg, runs, names, inner_steps=30)
+  result = evaluate_lake(exp.test_learner, meta, cfg, runs, names, inner_steps=30)
   assert result["mean_error"]["accuracy"]["mean"] <= 0.05
-  none = evaluate_lake(exp.learner, meta, cfg, runs, names, inner_steps=0)
+  none = evaluate_lake(dataclasses.replace(exp.test_learner, inner_steps=0), meta, cfg, runs,
+                       names, inner_steps=0)
   assert none["mean_error"]["accuracy"]["mean"] > 0.5          # no adaptation: near chance
   assert set(result["per_run"]) == set(names)
 

@@ -19,7 +19,7 @@ import pytest
 
 from advmaml import masking, robust_eval
 from advmaml.evaluation import evaluate_episodes
-from advmaml.maml import Learner
+from advmaml.learners import MAML as Learner, query_loss
 from conftest import run_module as _run
 from tests.test_robust_eval import synthetic_pool
 
@@ -49,15 +49,15 @@ MASKED = Learner(quantised_linear, inner_steps=INNER, inner_lr=0.5)
 
 def run_checks(learner, surrogate=HONEST):
   checks = masking.MaskingChecks(
-      epsilons=(EPS,), steps=10, n_way=N_WAY, surrogate=surrogate, surrogate_inner_steps=INNER,
+      epsilons=(EPS,), steps=10, n_way=N_WAY, surrogate=surrogate,
       black_box_queries=300, large_epsilon=LARGE, progress_steps=3)
   base = robust_eval.make_metric_fn(("pgd", "margin", "apgd"), (EPS,), n_way=N_WAY,
-                                    inner_steps=INNER, steps=10)
-  metric_fn = masking.with_masking_metrics(base, checks, INNER)
+                                    steps=10)
+  metric_fn = masking.with_masking_metrics(base, checks)
   params = (meta_params(), meta_params(scale=0.01, seed=1))
   metrics = evaluate_episodes(learner, params, synthetic_pool(), jax.random.key(0),
                               num_episodes=EPISODES, n_way=N_WAY, k_shot=K_SHOT, q_query=Q_QUERY,
-                              inner_steps=INNER, batch_tasks=4, metric_fn=metric_fn)
+                              batch_tasks=4, metric_fn=metric_fn)
   return metrics, {r.name: r for r in masking.verdicts(metrics, checks)}
 
 
@@ -80,10 +80,10 @@ def test_every_check_passes_on_the_honest_model(honest):
   # The honest white-box attack breaks something, and the base metrics are untouched.
   assert metrics[robust_eval.metric_key(EPS)]["mean"] < metrics["clean_accuracy"]["mean"]
   base = robust_eval.make_metric_fn(("pgd", "margin", "apgd"), (EPS,), n_way=N_WAY,
-                                    inner_steps=INNER, steps=10)
+                                    steps=10)
   alone = evaluate_episodes(HONEST, meta_params(), synthetic_pool(), jax.random.key(0),
                             num_episodes=EPISODES, n_way=N_WAY, k_shot=K_SHOT, q_query=Q_QUERY,
-                            inner_steps=INNER, batch_tasks=4, metric_fn=base)
+                            batch_tasks=4, metric_fn=base)
   for name, value in alone.items():
     assert metrics[name]["mean"] == pytest.approx(value["mean"], abs=1e-6), name
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import numpy as np
 import pytest
 
+from advmaml.learners import query_loss
 from advmaml.config import ConfigError, preset, validate
 from advmaml.meta_step import (AUTO_TASK_CHUNK, init_train_state, make_train_step,
                                resolve_task_chunk)
@@ -72,10 +75,9 @@ def test_auto_chunk_is_one_task_per_device_on_cpu():
   assert resolve_task_chunk(AUTO_TASK_CHUNK, num_devices=2) == expected
 
 
-def adapted_query_loss(learner, meta_params, episode, key, *, inner_steps):
-  del key
-  fast = learner.adapt(meta_params, episode.support_x, episode.support_y, steps=inner_steps)
-  loss, accuracy = learner.loss(fast, episode.query_x, episode.query_y)
+def adapted_query_loss(learner, meta_params, episode, key):
+  fast = learner.adapt(meta_params, episode.support_x, episode.support_y, key)
+  loss, accuracy = query_loss(learner, fast, episode.query_x, episode.query_y)
   return {"loss": loss, "accuracy": accuracy}
 
 
@@ -86,9 +88,10 @@ def test_evaluation_gives_the_same_episodes_one_at_a_time_or_vmapped():
   exp = build_experiment(cfg, (16, 16, 1))
   meta = exp.learner.init_meta_params(exp.model.init(jax.random.key(0)))
   pool = np.random.default_rng(0).integers(0, 256, (12, 6, 16, 16), dtype=np.uint8)
-  metric = functools.partial(adapted_query_loss, inner_steps=2)
+  metric = adapted_query_loss
   run = lambda chunk: jax.device_get(_evaluate_batch(
-      meta, pool, jax.random.key(3), 0, learner=exp.learner, metric_fn=metric, n_way=3,
+      meta, pool, jax.random.key(3), 0, learner=dataclasses.replace(exp.learner, inner_steps=2),
+      metric_fn=metric, n_way=3,
       k_shot=1, q_query=2, batch_tasks=6, task_chunk=chunk))
   vmapped = run(0)
   assert np.ptp(vmapped["loss"]) > 0                       # six different episodes

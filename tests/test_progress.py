@@ -22,7 +22,7 @@ def _evaluate(caplog, episodes: int) -> list[str]:
   with caplog.at_level(logging.INFO):
     caplog.clear()
     evaluate_episodes(exp.learner, meta, pool, jax.random.key(1), num_episodes=episodes,
-                      n_way=3, k_shot=1, q_query=2, inner_steps=1, batch_tasks=2)
+                      n_way=3, k_shot=1, q_query=2, batch_tasks=2)
   return [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluation:")]
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 from advmaml import plots, robust_eval
 from advmaml.data.episodes import sample_episodes
 from advmaml.evaluation import evaluate_episodes
-from advmaml.maml import Learner
+from advmaml.learners import MAML as Learner, query_loss
 from conftest import run_module as _run
 
 N_WAY, K_SHOT, Q_QUERY, HIDDEN, EVAL_INNER = 5, 1, 3, 32, 3
@@ -71,7 +71,7 @@ def trained():
 
     def loss(mp):
       def one(t):
-        return learner.loss(learner.adapt(mp, t.support_x, t.support_y), t.query_x, t.query_y)[0]
+        return query_loss(learner, learner.adapt(mp, t.support_x, t.support_y), t.query_x, t.query_y)[0]
       return jax.vmap(one)(tasks).mean()
 
     grads = jax.grad(loss)(meta)
@@ -96,8 +96,9 @@ def with_checks(learner, meta_params, episode, key, *, fns, checks):
 
 def evaluate(trained, metric_fn, *, seed=0, batch_tasks=4, num_episodes=EPISODES):
   learner, meta, pool = trained
+  learner = dataclasses.replace(learner, inner_steps=EVAL_INNER)   # the "test" phase
   return evaluate_episodes(learner, meta, pool, jax.random.key(seed), num_episodes=num_episodes,
-                           n_way=N_WAY, k_shot=K_SHOT, q_query=Q_QUERY, inner_steps=EVAL_INNER,
+                           n_way=N_WAY, k_shot=K_SHOT, q_query=Q_QUERY,
                            batch_tasks=batch_tasks, metric_fn=metric_fn)
 
 
@@ -112,7 +113,7 @@ def test_query_attack_is_below_clean_monotone_in_steps_and_zero_at_full_radius(t
   epsilons = (0.01, 0.05, 0.2, 1.0)
   # Same epsilons, attacks and step size (0.5 * eps): PGD-3's iterates are a prefix of PGD-6's.
   make = functools.partial(robust_eval.make_metric_fn, ("pgd", "margin"), epsilons, n_way=N_WAY,
-                           inner_steps=EVAL_INNER, relative_step_size=0.5)
+                           relative_step_size=0.5)
   few, many = make(steps=3), make(steps=6)
   key = robust_eval.metric_key
   checks = tuple((f"{p}{key(e)}", f"{p}clean_accuracy") for p in ("few/", "many/") for e in epsilons)
@@ -139,7 +140,7 @@ def test_support_poisoning_and_both_are_bounded_by_their_components(trained):
   eps = 0.2
   cfg = dataclasses.replace(robust_eval.attack_config("pgd", eps, n_way=N_WAY, steps=4),
                             random_start=False)
-  make = lambda target: functools.partial(robust_eval.robust_metrics, inner_steps=EVAL_INNER,
+  make = lambda target: functools.partial(robust_eval.robust_metrics,
                                           attack_sets=((cfg,),), target=target)
   rob, q, s = (robust_eval.metric_key(eps, p) for p in
                ("robust_accuracy", "query_robust_accuracy", "support_robust_accuracy"))
@@ -162,7 +163,7 @@ def test_per_example_attacks_only_lower_robust_accuracy(trained):
   written without them (same keys); at epsilon 1 both reach 0."""
   epsilons = (0.05, 1.0)
   make = functools.partial(robust_eval.make_metric_fn, ("pgd",), epsilons, n_way=N_WAY,
-                           inner_steps=EVAL_INNER, steps=3)
+                           steps=3)
   key, summed = robust_eval.metric_key, functools.partial(robust_eval.metric_key,
                                                           prefix="summed_robust_accuracy")
   fns = (("plain/", make()), ("aimed/", make(per_example=("apgd",), per_example_chunk=2)),
@@ -180,7 +181,7 @@ def test_per_example_attacks_only_lower_robust_accuracy(trained):
   for p in ("aimed/", "both/"):
     assert results[p + key(1.0)]["mean"] == results[p + summed(1.0)]["mean"] == 0.0
   with pytest.raises(ValueError, match="query"):
-    robust_eval.make_metric_fn(("pgd",), (0.1,), n_way=5, inner_steps=1, target="support",
+    robust_eval.make_metric_fn(("pgd",), (0.1,), n_way=5, target="support",
                                per_example=("margin",))
 
 
@@ -189,7 +190,7 @@ def test_autoattack_metrics_fall_over_its_parts(trained):
   rises, ends at robust_accuracy (no other attack listed), stays below clean,
   and is 0 at epsilon 1."""
   epsilons = (0.1, 1.0)
-  fn = robust_eval.make_metric_fn(("autoattack",), epsilons, n_way=N_WAY, inner_steps=EVAL_INNER,
+  fn = robust_eval.make_metric_fn(("autoattack",), epsilons, n_way=N_WAY,
                                   steps=2, square_queries=10)
   after = lambda part, e: robust_eval.metric_key(e, f"autoattack_{part}_robust_accuracy")
   parts = robust_eval.AUTOATTACK_PARTS
@@ -203,7 +204,7 @@ def test_autoattack_metrics_fall_over_its_parts(trained):
   assert results[robust_eval.metric_key(1.0)]["mean"] == 0.0
   assert results[robust_eval.metric_key(0.1)]["mean"] < results["clean_accuracy"]["mean"]
   with pytest.raises(ValueError, match="query"):
-    robust_eval.make_metric_fn(("autoattack",), (0.1,), n_way=5, inner_steps=1, target="both")
+    robust_eval.make_metric_fn(("autoattack",), (0.1,), n_way=5, target="both")
 
 
 def test_attack_presets_and_flag_errors():
@@ -240,7 +241,7 @@ def test_attack_presets_and_flag_errors():
 
 def test_deterministic_and_independent_of_batching(trained):
   make = functools.partial(robust_eval.make_metric_fn, ("pgd",), (0.1,), n_way=N_WAY,
-                           inner_steps=EVAL_INNER, steps=3)
+                           steps=3)
   fn = make()
   assert make() is fn and hash(fn) == hash(make())  # cached: one compile per setting
   a = evaluate(trained, fn, batch_tasks=2, num_episodes=6)
@@ -254,7 +255,7 @@ def test_bad_settings_are_refused():
   with pytest.raises(ValueError, match="attack"):
     robust_eval.attack_config("cw", 0.1, n_way=5)
   with pytest.raises(ValueError, match="target"):
-    robust_eval.make_metric_fn(("pgd",), (0.1,), n_way=5, inner_steps=1, target="weights")
+    robust_eval.make_metric_fn(("pgd",), (0.1,), n_way=5, target="weights")
   assert robust_eval.attack_config("apgd", 0.1, n_way=2).loss == "ce"    # DLR needs 3 classes
   assert robust_eval.attack_config("apgd", 0.1, n_way=5).loss == "dlr"
   assert robust_eval.attack_config("margin", 0.1, n_way=5, relative_step_size=0.5).step_size == 0.05

@@ -17,9 +17,9 @@ import optax
 import pytest
 
 from advmaml import attacks, config
-from advmaml import robust_objectives as ro
+from advmaml.objectives import robust as ro
 from advmaml.data.episodes import Episode
-from advmaml.maml import Learner
+from advmaml.learners import MAML as Learner, query_loss
 from advmaml.meta_step import init_train_state, make_train_step
 from advmaml.models import make_model
 from advmaml.objectives import get_objective, natural
@@ -231,12 +231,12 @@ def test_adml_is_the_mean_of_its_two_halves_aq_and_adversarial_support():
     fast = learner.adapt(meta, task.support_x, task.support_y)
     query_adv = attacks.attack(PGD, learner.apply_fn, fast, task.query_x, task.query_y,
                                k_query).x_adv
-    half1 = learner.loss(fast, query_adv, task.query_y)[0]
+    half1 = query_loss(learner, fast, query_adv, task.query_y)[0]
     # Half 2: support attacked against the meta-params -> clean query.
     support_adv = attacks.attack(PGD, learner.apply_fn, meta["model"], task.support_x,
                                  task.support_y, k_support).x_adv
     fast_adv = learner.adapt(meta, support_adv, task.support_y)
-    half2 = learner.loss(fast_adv, task.query_x, task.query_y)[0]
+    half2 = query_loss(learner, fast_adv, task.query_x, task.query_y)[0]
 
     # TRADES term of AQ: KL(p_clean || p_adv) on the query set, written out.
     log_p = jax.nn.log_softmax(learner.apply_fn(fast, task.query_x))

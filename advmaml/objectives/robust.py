@@ -4,8 +4,10 @@ Every objective has the signature of :mod:`advmaml.objectives`::
 
     objective(learner, meta_params, task, key) -> (loss, metrics)
 
-with the attack's settings bound by its factory in ``OBJECTIVES`` (from
-``config.train_attack_config(cfg)``). Names, as selected by ``--objective``:
+with the attack's settings bound by its ``*_from_config`` factory (from
+``config.train_attack_config(cfg)``), which ``objectives.OBJECTIVES`` registers.
+They use the learner through the protocol only (``adapt``, ``logits``; ADML and
+adversarial support also ``initial_state``), so they train any learner. Names, as selected by ``--objective``:
 
 * ``"aq"``: Adversarial Querying (Goldblum, Fowl & Goldstein, NeurIPS 2020).
 * ``"adml"``: ADML (Yin et al. 2018).
@@ -36,8 +38,8 @@ from jax import lax
 from advmaml import attacks
 from advmaml.config import train_attack_config
 from advmaml.data.episodes import Episode
-from advmaml.maml import Learner, cross_entropy
-from advmaml.objectives import OBJECTIVES
+from advmaml.learners.base import (FewShotLearner as Learner, adapt_key, cross_entropy,
+                                   initial_state, query_loss)
 
 # TRADES' start when no random start is asked for (Zhang et al. 2019): the KL
 # is minimal, so its gradient is exactly zero, at the clean point itself.
@@ -125,12 +127,12 @@ def adversarial_querying(learner: Learner, meta_params: dict, task: Episode, key
   batch trained on), and kl when trades_beta > 0.
   """
   _, k_query = jax.random.split(key)
-  fast = learner.adapt(meta_params, task.support_x, task.support_y)
+  fast = learner.adapt(meta_params, task.support_x, task.support_y, adapt_key(key))
   if adv is None:
-    adv = {"query_x": attacks.attack(attack_cfg, learner.apply_fn, fast, task.query_x,
+    adv = {"query_x": attacks.attack(attack_cfg, learner.logits, fast, task.query_x,
                                      task.query_y, k_query).x_adv}
-  logits_adv = learner.apply_fn(fast, lax.stop_gradient(adv["query_x"]))
-  logits_clean = learner.apply_fn(fast, task.query_x)
+  logits_adv = learner.logits(fast, lax.stop_gradient(adv["query_x"]))
+  logits_clean = learner.logits(fast, task.query_x)
   loss, adv_accuracy = cross_entropy(logits_adv, task.query_y)
   _, accuracy = cross_entropy(logits_clean, task.query_y)
   metrics = {"accuracy": accuracy, "adv_accuracy": adv_accuracy}
@@ -160,19 +162,22 @@ def adml(learner: Learner, meta_params: dict, task: Episode, key, *,
   clean query).
   """
   k_support, k_query = jax.random.split(key)
-  fast_clean = learner.adapt(meta_params, task.support_x, task.support_y)
+  fast_clean = learner.adapt(meta_params, task.support_x, task.support_y, adapt_key(key))
   if adv is None:
     adv = {
-        "support_x": attacks.attack(attack_cfg, learner.apply_fn, meta_params["model"],
+        "support_x": attacks.attack(attack_cfg, learner.logits,
+                                    initial_state(learner, meta_params, "--objective=adml"),
                                     task.support_x, task.support_y, k_support).x_adv,
-        "query_x": attacks.attack(attack_cfg, learner.apply_fn, fast_clean, task.query_x,
+        "query_x": attacks.attack(attack_cfg, learner.logits, fast_clean, task.query_x,
                                   task.query_y, k_query).x_adv,
     }
-  fast_adv = learner.adapt(meta_params, lax.stop_gradient(adv["support_x"]), task.support_y)
-  loss_adv_query, adv_accuracy = learner.loss(fast_clean, lax.stop_gradient(adv["query_x"]),
-                                              task.query_y)
-  loss_adv_support, adv_support_accuracy = learner.loss(fast_adv, task.query_x, task.query_y)
-  _, accuracy = learner.loss(fast_clean, task.query_x, task.query_y)
+  fast_adv = learner.adapt(meta_params, lax.stop_gradient(adv["support_x"]), task.support_y,
+                           adapt_key(key))
+  loss_adv_query, adv_accuracy = query_loss(learner, fast_clean,
+                                            lax.stop_gradient(adv["query_x"]), task.query_y)
+  loss_adv_support, adv_support_accuracy = query_loss(learner, fast_adv, task.query_x,
+                                                      task.query_y)
+  _, accuracy = query_loss(learner, fast_clean, task.query_x, task.query_y)
   loss = 0.5 * (loss_adv_query + loss_adv_support)
   metrics = {"loss": loss, "accuracy": accuracy, "adv_accuracy": adv_accuracy,
              "adv_support_accuracy": adv_support_accuracy}
@@ -195,11 +200,11 @@ def rmaml(learner: Learner, meta_params: dict, task: Episode, key, *,
   query batch), kl.
   """
   _, k_query = jax.random.split(key)
-  fast = learner.adapt(meta_params, task.support_x, task.support_y)
+  fast = learner.adapt(meta_params, task.support_x, task.support_y, adapt_key(key))
   if adv is None:
-    adv = {"query_x": kl_attack(attack_cfg, learner.apply_fn, fast, task.query_x, k_query)}
-  logits_clean = learner.apply_fn(fast, task.query_x)
-  logits_adv = learner.apply_fn(fast, lax.stop_gradient(adv["query_x"]))
+    adv = {"query_x": kl_attack(attack_cfg, learner.logits, fast, task.query_x, k_query)}
+  logits_clean = learner.logits(fast, task.query_x)
+  logits_adv = learner.logits(fast, lax.stop_gradient(adv["query_x"]))
   ce, accuracy = cross_entropy(logits_clean, task.query_y)
   _, adv_accuracy = cross_entropy(logits_adv, task.query_y)
   kl = mean_kl(logits_clean, logits_adv)
@@ -219,29 +224,34 @@ def adversarial_support(learner: Learner, meta_params: dict, task: Episode, key,
   """
   k_support, _ = jax.random.split(key)
   if adv is None:
-    adv = {"support_x": attacks.attack(attack_cfg, learner.apply_fn, meta_params["model"],
+    adv = {"support_x": attacks.attack(attack_cfg, learner.logits,
+                                       initial_state(learner, meta_params, "--objective=adv_support"),
                                        task.support_x, task.support_y, k_support).x_adv}
-  fast = learner.adapt(meta_params, lax.stop_gradient(adv["support_x"]), task.support_y)
-  loss, accuracy = learner.loss(fast, task.query_x, task.query_y)
+  fast = learner.adapt(meta_params, lax.stop_gradient(adv["support_x"]), task.support_y,
+                       adapt_key(key))
+  loss, accuracy = query_loss(learner, fast, task.query_x, task.query_y)
   return _finish(loss, {"loss": loss, "accuracy": accuracy}, adv, with_inputs)
 
 
 # ----------------------------------------------------------------------------
-# Registration: name -> factory(cfg) -> objective.
+# Factories: cfg -> objective (registered in advmaml/objectives/__init__.py).
 
 
-def _rmaml_factory(cfg):
+def aq_from_config(cfg):
+  return functools.partial(adversarial_querying, attack_cfg=train_attack_config(cfg),
+                           trades_beta=cfg.trades_beta)
+
+
+def adml_from_config(cfg):
+  return functools.partial(adml, attack_cfg=train_attack_config(cfg))
+
+
+def rmaml_from_config(cfg):
   attack_cfg = train_attack_config(cfg)
   if attack_cfg.name not in ("fgsm", "pgd"):
     raise ValueError(f"--objective=rmaml needs --train_attack=fgsm or pgd, not {attack_cfg.name!r}")
   return functools.partial(rmaml, attack_cfg=attack_cfg, beta=cfg.rmaml_beta)
 
 
-OBJECTIVES.update({
-    "aq": lambda cfg: functools.partial(adversarial_querying, attack_cfg=train_attack_config(cfg),
-                                        trades_beta=cfg.trades_beta),
-    "adml": lambda cfg: functools.partial(adml, attack_cfg=train_attack_config(cfg)),
-    "rmaml": _rmaml_factory,
-    "adv_support": lambda cfg: functools.partial(adversarial_support,
-                                                 attack_cfg=train_attack_config(cfg)),
-})
+def adversarial_support_from_config(cfg):
+  return functools.partial(adversarial_support, attack_cfg=train_attack_config(cfg))
