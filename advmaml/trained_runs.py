@@ -9,6 +9,7 @@ import pathlib
 
 import jax
 from absl import logging
+from jax.sharding import Mesh
 
 from advmaml import checkpoint, sharding
 from advmaml.config import Config, ConfigError, validate_against_data
@@ -81,6 +82,22 @@ def load_trained(path: str | os.PathLike, data_dir: str | None = None, *,
   return run, splits
 
 
+def evaluation_mesh(num_devices: int, what: str = "Evaluation episodes") -> Mesh:
+  """The "tasks" mesh of --num_devices (0: all local devices), logged; ConfigError if too many."""
+  try:
+    mesh = sharding.make_mesh(num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  logging.info("%s split over %d %s device(s)", what, mesh.devices.size,
+               mesh.devices.flat[0].platform)
+  return mesh
+
+
+def learner_for_mesh(run: TrainedRun, mesh: Mesh):
+  """The run's network with its kernels sized for one device's share of the cores on ``mesh``."""
+  return build_experiment(run.cfg, image_shape_for(run.cfg), sharding.device_count(mesh)).learner
+
+
 def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_episodes: int | None = None,
                      seed: int = 0, inner_steps: int | None = None, metric_fn=None,
                      num_devices: int = 0, metric_params=None) -> dict:
@@ -94,20 +111,14 @@ def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_
   cfg = run.cfg
   if split not in splits:
     raise ConfigError(f"--split={split!r}; choose one of {sorted(splits)}")
-  try:
-    mesh = sharding.make_mesh(num_devices)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  logging.info("Evaluation episodes split over %d %s device(s)", mesh.devices.size,
-               mesh.devices.flat[0].platform)
+  mesh = evaluation_mesh(num_devices)
   validate_against_data(cfg, {split: splits[split].images})
   num_episodes = cfg.test_episodes if num_episodes is None else num_episodes
   inner_steps = cfg.eval_inner_steps if inner_steps is None else inner_steps
   first, _ = evaluation_episode(jax.numpy.asarray(splits[split].images), jax.random.key(seed), 0,
                                 cfg.n_way, cfg.k_shot, cfg.eval_q_query)
   check_outputs_finite(run, first, inner_steps)
-  # The same network with its kernels sized for this layout's share of the cores per device.
-  learner = build_experiment(cfg, image_shape_for(cfg), sharding.device_count(mesh)).learner
+  learner = learner_for_mesh(run, mesh)
   results = evaluate_episodes(
       learner, run.meta_params if metric_params is None else metric_params,
       splits[split].images, jax.random.key(seed),
