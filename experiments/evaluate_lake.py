@@ -7,7 +7,10 @@ The model must have been meta-trained on the background alphabets only
 (--split=lake) and be 20-way. Writes <workdir>/eval_lake_runs.json (or --output)
 with the error rate of every run and the mean, clean and under attack. The runs
 are split over --num_devices (default: all local devices, on CPU one per usable
-core); a long scoring logs progress lines.
+core); a long scoring logs progress lines. Given a training workdir, the mean
+errors are also TensorBoard scalars at the checkpoint's step (lake/error, or
+lake/clean_error and lake/robust_error@<eps>) in <workdir>/tensorboard/evaluation/
+(--notensorboard: not).
 """
 
 # First, before anything imports JAX: the host device count is fixed when JAX starts.
@@ -22,7 +25,7 @@ from advmaml.lake_eval import as_float_episodes, check_model_fits_lake, evaluate
 from advmaml.trained_runs import (check_outputs_finite, evaluation_mesh, learner_for_mesh,
                                   load_checkpointed_run, write_json)
 from experiments.attack_flags import attack_record, attack_settings_from_flags, metric_fn_from_settings
-from experiments import cli
+from experiments import cli, tensorboard_flag
 
 RUNS = flags.DEFINE_string("runs", None, "Lake's all_runs.zip, or the folder it extracts to.",
                            required=True)
@@ -56,6 +59,11 @@ def _main():
     record["attack"] = attack_record(settings, cfg.n_way)
   output = cli.output_path(WORKDIR.value, OUTPUT.value, "eval_lake_runs.json")
   write_json(output, record)
+  # Errors, as printed: lake/error (clean), lake/clean_error, lake/robust_error@<eps>, ...
+  tensorboard_flag.write_evaluation_scalars(
+      WORKDIR.value, run.step, "lake",
+      {name.replace("accuracy", "error"): stats["mean"]
+       for name, stats in record["mean_error"].items()})
   for name, stats in record["mean_error"].items():
     logging.info("%s error over %d runs: %.2f%% +- %.2f%%", name, stats["n"], 100 * stats["mean"],
                  100 * stats["ci95"])

@@ -19,9 +19,11 @@ from advmaml.config import ConfigError, preset
 from advmaml.data.lake_runs import load_lake_runs
 from advmaml.data.omniglot import DataError
 from advmaml.lake_eval import evaluate_lake, runs_per_call
+from advmaml.tensorboard_scalars import EVAL_FOLDER
 from advmaml.training import build_experiment, initial_state, state_to_tree
 from fake_omniglot import ink_mask, png_bytes
 from simulated_devices import run_on_devices
+from test_tensorboard_scalars import scalars_as_tensorboard_shows
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -179,6 +181,11 @@ def test_entry_point_clean_and_under_attack(tmp_path):
   clean = record["mean_error"]["clean_accuracy"]["mean"]
   robust = record["mean_error"]["robust_accuracy@1.0"]["mean"]
   assert clean <= 0.05 and robust == 1.0 and len(record["per_run"]) == 20
+  # The mean errors as TensorBoard scalars at the checkpoint's step.
+  shown, _ = scalars_as_tensorboard_shows(tmp_path / "work" / EVAL_FOLDER)
+  assert shown == {f"lake/{name.replace('accuracy', 'error')}": [(0, pytest.approx(e["mean"]))]
+                   for name, e in record["mean_error"].items()}
+  assert set(shown) == {"lake/clean_error", "lake/robust_error@1.0", "lake/summed_robust_error@1.0"}
 
 
 def test_runs_split_over_devices_give_the_single_device_errors(tmp_path):
