@@ -12,7 +12,7 @@ import os
 from absl import flags, logging
 
 from advmaml import tensorboard_scalars
-from advmaml.workdir import is_training_workdir
+from advmaml.workdir import describe_os_error, is_training_workdir
 
 TENSORBOARD = flags.DEFINE_bool(
     "tensorboard", True, "Also write the metrics as TensorBoard scalars (tensorboardX): "
@@ -30,5 +30,11 @@ def write_evaluation_scalars(workdir: str | os.PathLike, step: int, prefix: str,
     logging.info("No TensorBoard scalars: --workdir=%s is a checkpoint, not a training workdir",
                  workdir)
     return
-  folder = tensorboard_scalars.write_evaluation(workdir, step, prefix, scalars)
+  try:
+    folder = tensorboard_scalars.write_evaluation(workdir, step, prefix, scalars)
+  except OSError as e:
+    # The JSON, the result, is written (perhaps to --output, beside a workdir one may only
+    # read): a warning, not a failed command.
+    logging.warning("TensorBoard scalars not written: %s", describe_os_error(e))
+    return
   logging.info("TensorBoard scalars %s/... at step %d written to %s", prefix, step, folder)

@@ -113,3 +113,11 @@ def test_evaluations_write_their_scalars_in_their_own_folder(tiny_run, tmp_path)
   assert "No TensorBoard scalars" in out.stderr
   evaluate(f"--workdir={work}", "--notensorboard")
   assert len(_event_files(work / EVAL_FOLDER)) == 2
+  # A folder that cannot be written (here a file in its way) leaves the result written.
+  blocked = tmp_path / "blocked"
+  shutil.copytree(work, blocked, ignore=shutil.ignore_patterns(FOLDER))
+  (blocked / FOLDER).write_text("")
+  (blocked / "eval_test.json").unlink()
+  out = evaluate(f"--workdir={blocked}")
+  assert "TensorBoard scalars not written: cannot write" in out.stderr
+  assert (blocked / "eval_test.json").exists()
