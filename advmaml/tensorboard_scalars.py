@@ -85,8 +85,8 @@ class ScalarWriter:
 
 
 def evaluation_prefix(split: str) -> str:
-  """The tag prefix of an evaluation on ``split``: ``test/``, and ``eval_train/`` and
-  ``eval_val/`` for the splits whose names the training's own scalars use."""
+  """The tag prefix of an evaluation on ``split``: ``test``, and ``eval_train`` and
+  ``eval_val`` for the splits whose names the training's own scalars use."""
   return f"eval_{split}" if split in ("train", "val") else split
 
 
