@@ -48,41 +48,56 @@ def evaluation_episode(pool, key, index, n_way: int, k_shot: int, q_query: int):
   return sample_episode(pool, sample_key, n_way, k_shot, q_query), metric_key
 
 
+def map_over_devices(fn, xs, shared, *, mesh: Mesh | None = None,
+                     task_chunk: int = AUTO_TASK_CHUNK):
+  """Inside jit: ``fn(x, shared)`` for every ``x`` along the leading axis of ``xs``.
+
+  xs: pytree of arrays with a leading (N,) axis (episode indices, episodes);
+  shared: pytree every call sees whole (meta_params, the pool, the key).
+  Returns fn's outputs stacked: {name: (N,)}. mesh: optional 1-D "tasks" mesh;
+  each of its devices runs a contiguous block of N / devices items (which must
+  divide), with ``shared`` replicated. Item i is the same computation wherever
+  it runs, so the results do not depend on the mesh.
+  """
+  devices = sharding.device_count(mesh)
+  n = jax.tree.leaves(xs)[0].shape[0]
+  if n % devices:
+    raise ValueError(f"{n} evaluation episodes per call do not split over "
+                     f"{devices} devices; use a multiple of {devices}")
+  # Items vmapped together: by default one at a time per device on CPU, where that
+  # keeps the working set in cache, and the whole block elsewhere (resolve_task_chunk).
+  per_device = n // devices
+  chunk = min(resolve_task_chunk(task_chunk) or per_device, per_device)
+
+  def run(xs, shared):  # xs: this device's block
+    return jax.lax.map(lambda x: fn(x, shared), xs, batch_size=chunk)
+
+  if devices == 1:
+    return run(xs, shared)
+  # shard_map rather than a sharding constraint: every device runs its own lax.map
+  # over its block, which the SPMD partitioner would not split out of one scan.
+  # check_vma=False: the models' custom VJPs return unannotated cotangents, and
+  # nothing here is differentiated through the shard_map or reduced across devices.
+  by_task, whole = PartitionSpec(sharding.TASK_AXIS), PartitionSpec()
+  return jax.shard_map(run, mesh=mesh, in_specs=(by_task, whole), out_specs=by_task,
+                       check_vma=False)(xs, shared)
+
+
 @functools.partial(jax.jit, static_argnames=(
     "learner", "metric_fn", "n_way", "k_shot", "q_query", "batch_tasks", "task_chunk", "mesh"))
 def _evaluate_batch(meta_params, pool, key, start, *, learner, metric_fn, n_way, k_shot,
                     q_query, batch_tasks, task_chunk=AUTO_TASK_CHUNK, mesh: Mesh | None = None):
   """Metrics of episodes ``start .. start + batch_tasks - 1``: {name: (batch_tasks,)}.
 
-  mesh: optional 1-D "tasks" mesh; each of its devices runs a contiguous block of
-  batch_tasks / devices episodes (which must divide), with meta_params and pool
-  replicated. Episode i is the same computation wherever it runs.
+  mesh: optional 1-D "tasks" mesh splitting the episodes (``map_over_devices``);
+  meta_params and pool should be replicated on it.
   """
-  devices = sharding.device_count(mesh)
-  if batch_tasks % devices:
-    raise ValueError(f"{batch_tasks} evaluation episodes per call do not split over "
-                     f"{devices} devices; use a multiple of {devices}")
-  indices = start + jnp.arange(batch_tasks)
-  # Episodes vmapped together: by default one at a time per device on CPU, where that
-  # keeps the working set in cache, and the whole batch elsewhere (resolve_task_chunk).
-  per_device = batch_tasks // devices
-  chunk = min(resolve_task_chunk(task_chunk) or per_device, per_device)
-
-  def run(indices, meta_params, pool, key):  # indices: (episodes on this device,)
-    def one(i):
-      episode, metric_key = evaluation_episode(pool, key, i, n_way, k_shot, q_query)
-      return metric_fn(learner, meta_params, episode, metric_key)
-    return jax.lax.map(one, indices, batch_size=chunk)
-
-  if devices == 1:
-    return run(indices, meta_params, pool, key)
-  # shard_map rather than a sharding constraint: every device runs its own lax.map
-  # over its block, which the SPMD partitioner would not split out of one scan.
-  # check_vma=False: the models' custom VJPs return unannotated cotangents, and
-  # nothing here is differentiated through the shard_map or reduced across devices.
-  by_task, whole = PartitionSpec(sharding.TASK_AXIS), PartitionSpec()
-  return jax.shard_map(run, mesh=mesh, in_specs=(by_task, whole, whole, whole),
-                       out_specs=by_task, check_vma=False)(indices, meta_params, pool, key)
+  def one(i, shared):
+    meta_params, pool, key = shared
+    episode, metric_key = evaluation_episode(pool, key, i, n_way, k_shot, q_query)
+    return metric_fn(learner, meta_params, episode, metric_key)
+  return map_over_devices(one, start + jnp.arange(batch_tasks), (meta_params, pool, key),
+                          mesh=mesh, task_chunk=task_chunk)
 
 
 def evaluate_episodes(learner: Learner, meta_params: dict, pool, key, *, num_episodes: int,

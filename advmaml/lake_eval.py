@@ -17,10 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
+from advmaml import sharding
 from advmaml.config import ConfigError
 from advmaml.data.episodes import Episode
 from advmaml.data.lake_runs import NUM_CLASSES
-from advmaml.evaluation import clean_accuracy, mean_and_ci95
+from advmaml.evaluation import clean_accuracy, map_over_devices, mean_and_ci95
+from advmaml.meta_step import AUTO_TASK_CHUNK, resolve_task_chunk
+from advmaml.progress import Progress
 
 
 def check_model_fits_lake(cfg) -> None:
@@ -35,11 +40,25 @@ def check_model_fits_lake(cfg) -> None:
                       f"train with --n_way={NUM_CLASSES}")
 
 
-@functools.partial(jax.jit, static_argnames=("learner", "metric_fn"))
-def _score_runs(meta_params, episodes: Episode, key, *, learner, metric_fn):
-  def one(i, episode):
+@functools.partial(jax.jit, static_argnames=("learner", "metric_fn", "mesh"))
+def _score_runs(meta_params, episodes: Episode, key, start, *, learner, metric_fn, mesh=None):
+  """Metrics of runs ``start .. start + n - 1``, given as ``episodes`` (n, 20, ...): {name: (n,)}.
+
+  Run i's metric key is ``fold_in(key, i)`` wherever and with whatever others it runs.
+  """
+  def one(x, shared):
+    (i, episode), (meta_params, key) = x, shared
     return metric_fn(learner, meta_params, episode, jax.random.fold_in(key, i))
-  return jax.vmap(one)(jnp.arange(episodes.support_y.shape[0]), episodes)
+  indices = start + jnp.arange(episodes.support_y.shape[0])
+  return map_over_devices(one, (indices, episodes), (meta_params, key), mesh=mesh)
+
+
+def runs_per_call(num_runs: int, devices: int) -> int:
+  """Runs scored by one jitted call: one per device on CPU, where each device scores its
+  runs one at a time anyway (so a call per block costs no speed and gives progress
+  lines), and all of them elsewhere (one vmapped block per device)."""
+  per_device = resolve_task_chunk(AUTO_TASK_CHUNK) or -(-num_runs // devices)
+  return per_device * devices
 
 
 def as_float_episodes(runs: Episode) -> Episode:
@@ -50,19 +69,38 @@ def as_float_episodes(runs: Episode) -> Episode:
 
 
 def evaluate_lake(learner, meta_params, cfg, runs: Episode, run_names, *, inner_steps: int,
-                  metric_fn=None, seed: int = 0) -> dict:
+                  metric_fn=None, seed: int = 0, mesh: Mesh | None = None) -> dict:
   """Error rate per run for every accuracy-like metric, and the mean over runs.
 
   learner: the learner as evaluated (its "test" phase, adapting with
   ``inner_steps`` steps: the number is only recorded here).
   runs: Episode of uint8 images with a leading run axis (R, 20, H, W, 1).
+  mesh: optional "tasks" mesh (``sharding.make_mesh``) whose devices split the
+  runs of each call (build ``learner`` for that many devices); the results do not
+  depend on it. Logs progress lines (``advmaml.progress``) on long runs.
   Returns {"per_run": {run: {metric: error}}, "mean_error": {metric: {mean, ci95, std, n}}}.
   """
   check_model_fits_lake(cfg)
   if metric_fn is None:
     metric_fn = clean_accuracy
-  accuracy = jax.device_get(_score_runs(meta_params, as_float_episodes(runs), jax.random.key(seed),
-                                        learner=learner, metric_fn=metric_fn))
+  devices = sharding.device_count(mesh)
+  if devices == 1:
+    mesh = None   # one compiled program for every single-device caller
+  episodes = as_float_episodes(runs)
+  num_runs = episodes.support_y.shape[0]
+  per_call = runs_per_call(num_runs, devices)
+  meta_params = sharding.replicate(meta_params, mesh)
+  key = jax.random.key(seed)
+  chunks = []
+  progress = Progress("Lake runs", num_runs, "runs")   # a line every progress.EVERY_SECONDS
+  for start in range(0, num_runs, per_call):
+    # The last call is padded with copies of the last run; their results are dropped.
+    take = np.minimum(np.arange(start, start + per_call), num_runs - 1)
+    out = _score_runs(meta_params, jax.tree.map(lambda x: x[take], episodes), key, start,
+                      learner=learner, metric_fn=metric_fn, mesh=mesh)
+    chunks.append(jax.device_get(out))
+    progress.update(min(start + per_call, num_runs))
+  accuracy = {name: np.concatenate([c[name] for c in chunks])[:num_runs] for name in chunks[0]}
   errors = {name: 1.0 - np.asarray(values, np.float64) for name, values in accuracy.items()}
   per_run = {run: {name: float(errors[name][r]) for name in errors}
              for r, run in enumerate(run_names)}

@@ -9,6 +9,7 @@ import pathlib
 
 import jax
 from absl import logging
+from jax.sharding import Mesh
 
 from advmaml import checkpoint, sharding
 from advmaml.config import Config, ConfigError, validate_against_data
@@ -90,6 +91,17 @@ def load_trained(path: str | os.PathLike, data_dir: str | None = None, *,
   return run, splits
 
 
+def evaluation_mesh(num_devices: int, what: str = "Evaluation episodes") -> Mesh:
+  """The "tasks" mesh of --num_devices (0: all local devices), logged; ConfigError if too many."""
+  try:
+    mesh = sharding.make_mesh(num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  logging.info("%s split over %d %s device(s)", what, mesh.devices.size,
+               mesh.devices.flat[0].platform)
+  return mesh
+
+
 def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_episodes: int | None = None,
                      seed: int = 0, inner_steps: int | None = None, metric_fn=None,
                      num_devices: int = 0, metric_params=None) -> dict:
@@ -103,12 +115,7 @@ def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_
   cfg = run.cfg
   if split not in splits:
     raise ConfigError(f"--split={split!r}; choose one of {sorted(splits)}")
-  try:
-    mesh = sharding.make_mesh(num_devices)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  logging.info("Evaluation episodes split over %d %s device(s)", mesh.devices.size,
-               mesh.devices.flat[0].platform)
+  mesh = evaluation_mesh(num_devices)
   validate_against_data(cfg, {split: splits[split].images})
   num_episodes = cfg.test_episodes if num_episodes is None else num_episodes
   inner_steps = cfg.eval_inner_steps if inner_steps is None else inner_steps

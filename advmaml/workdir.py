@@ -6,6 +6,7 @@ Layout::
     config.json            resolved config of the run (atomic rewrite)
     metrics.jsonl          one JSON object per logged step (appended)
     tensorboard/           the same metrics as TensorBoard scalars (advmaml.tensorboard_scalars)
+    tensorboard/evaluation/  the scalars of experiments.evaluate and evaluate_lake, a file each
     checkpoints/<step>/    see advmaml.checkpoint
 
 A crash (SIGKILL, a full disk) can leave at most the last line of
@@ -41,6 +42,13 @@ def describe_os_error(e: OSError, action: str = "write") -> str:
   else:
     fix = "check the path, or use another --workdir"
   return f"cannot {action} {where}: {e.strerror or e}; {fix}"
+
+
+def is_training_workdir(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is a training's workdir (a folder holding ``checkpoints/``), not one
+  of its checkpoints (a step folder, ``checkpoints/`` itself or a ``state.pkl``)."""
+  path = pathlib.Path(path)
+  return path.is_dir() and (path / "checkpoints").is_dir()
 
 
 def prepare_workdir(path: str | os.PathLike) -> pathlib.Path:

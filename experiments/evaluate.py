@@ -17,6 +17,11 @@ settings are recorded under "attack", and (unless --noplot)
 <workdir>/robustness_<split>.png and <workdir>/adversarial_examples_<split>.png
 are written.
 
+Given a training workdir, the metrics' means are also written as TensorBoard
+scalars at the checkpoint's step (test/accuracy, test/robust_accuracy@<eps>,
+...; eval_val/... and eval_train/... on those splits) in
+<workdir>/tensorboard/evaluation/; --notensorboard turns it off.
+
 Gradient-masking checks (experiments/masking_flags.py, advmaml/masking.py),
 each off unless its flag is given, add their numbers to "metrics"
 (masking/...) and their verdicts under "masking_checks"; a failed check is
@@ -38,10 +43,11 @@ from absl import app, flags, logging
 
 from advmaml import masking, plots, robust_eval
 from advmaml.evaluation import evaluation_episode
+from advmaml.tensorboard_scalars import evaluation_prefix
 from advmaml.trained_runs import evaluate_trained, load_trained, test_learner, write_json
 from experiments.attack_flags import (AttackSettings, attack_record, attack_settings_from_flags,
                                       metric_fn_from_settings)
-from experiments import cli, masking_flags, run_flags
+from experiments import cli, masking_flags, run_flags, tensorboard_flag
 from experiments.run_flags import (DATA_DIR, EPISODES, INNER_STEPS, NUM_DEVICES, SEED, SPLIT,
                                    WORKDIR)
 
@@ -74,6 +80,13 @@ def _write_plots(run, splits, record, settings: AttackSettings, folder: pathlib.
   return [str(curve), str(grid)]
 
 
+def _write_scalars(record: dict) -> None:
+  """The metrics' means as TensorBoard scalars: test/accuracy, test/robust_accuracy@0.1, ..."""
+  tensorboard_flag.write_evaluation_scalars(
+      WORKDIR.value, record["step"], evaluation_prefix(record["split"]),
+      {name: stats["mean"] for name, stats in record["metrics"].items()})
+
+
 def _main():
   logging.info(HOST_DEVICES)
   run_flags.check_run_flags()
@@ -95,6 +108,7 @@ def _main():
   folder = cli.run_folder(WORKDIR.value)
   if not settings.epsilons:
     write_json(output, record)
+    _write_scalars(record)
     acc = record["metrics"]["accuracy"]
     logging.info("%s accuracy over %d episodes: %.2f%% +- %.2f%% (95%% CI); written to %s",
                  SPLIT.value, record["num_episodes"], 100 * acc["mean"], 100 * acc["ci95"], output)
@@ -105,6 +119,7 @@ def _main():
   if settings.plot:
     record["plots"] = _write_plots(run, splits, record, settings, folder)
   write_json(output, record)
+  _write_scalars(record)
   clean = record["metrics"]["clean_accuracy"]
   logging.info("%s clean accuracy over %d episodes: %.2f%% +- %.2f%% (95%% CI)",
                SPLIT.value, record["num_episodes"], 100 * clean["mean"], 100 * clean["ci95"])

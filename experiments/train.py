@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from advmaml.config import validate
 from advmaml.training import train
 from experiments import cli, config_flags
+from experiments.tensorboard_flag import TENSORBOARD
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Folder for config, metrics and checkpoints.",
                               required=True)
@@ -27,8 +28,6 @@ NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number 
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with "
                                 "settings detected from the cluster environment.")
-TENSORBOARD = flags.DEFINE_bool("tensorboard", True, "Also write the logged metrics as "
-                                "TensorBoard scalars in <workdir>/tensorboard/ (tensorboardX).")
 config_flags.define_config_flags()
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import json
+import logging
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import zipfile
@@ -14,13 +16,16 @@ import zipfile
 import numpy as np
 import pytest
 
-from advmaml import checkpoint
+from advmaml import checkpoint, host, progress
 from advmaml.config import ConfigError, preset
 from advmaml.data.lake_runs import load_lake_runs
 from advmaml.data.omniglot import DataError
-from advmaml.lake_eval import evaluate_lake
+from advmaml.lake_eval import evaluate_lake, runs_per_call
+from advmaml.tensorboard_scalars import EVAL_FOLDER
 from advmaml.training import build_experiment, initial_state, state_to_tree
 from fake_omniglot import ink_mask, png_bytes
+from simulated_devices import run_on_devices
+from test_tensorboard_scalars import scalars_as_tensorboard_shows
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -141,11 +146,29 @@ def test_refuses_models_that_do_not_fit(tmp_path, changes, message):
     evaluate_lake(exp.learner, initial_state(exp, 0).meta_params, cfg, runs, names, inner_steps=1)
 
 
-def test_entry_point_clean_and_under_attack(tmp_path):
+def test_progress_lines_after_each_call(tmp_path, caplog, monkeypatch):
+  monkeypatch.setattr(progress, "EVERY_SECONDS", 0.0)   # a line per call
   cfg = lake_cfg()
   exp = build_experiment(cfg, (28, 28, 1))
-  checkpoint.save_checkpoint(tmp_path / "work" / "checkpoints", 0,
-                             state_to_tree(initial_state(exp, 0), cfg))
+  runs, names = load_lake_runs(write_runs(tmp_path / "all_runs.zip"))
+  with caplog.at_level(logging.INFO):
+    evaluate_lake(exp.learner, initial_state(exp, 0).meta_params, cfg, runs, names,
+                  inner_steps=0)
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Lake runs:")]
+  per_call = runs_per_call(20, 1)   # on CPU one run per call and device
+  assert [int(re.match(r"Lake runs: (\d+)/20 runs", l).group(1)) for l in lines] == \
+      list(range(per_call, 21, per_call))
+  assert "(100%)" in lines[-1] and all("runs/s" in l and "left" in l for l in lines)
+
+
+def _save_initial_checkpoint(workdir: pathlib.Path) -> None:
+  cfg = lake_cfg()
+  exp = build_experiment(cfg, (28, 28, 1))
+  checkpoint.save_checkpoint(workdir / "checkpoints", 0, state_to_tree(initial_state(exp, 0), cfg))
+
+
+def test_entry_point_clean_and_under_attack(tmp_path):
+  _save_initial_checkpoint(tmp_path / "work")
   runs = write_runs(tmp_path / "all_runs.zip")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   out = subprocess.run([sys.executable, "-m", "experiments.evaluate_lake", f"--runs={runs}",
@@ -153,7 +176,35 @@ def test_entry_point_clean_and_under_attack(tmp_path):
                         "--attack_steps=5"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
+  # On CPU, one host device per usable core by default, the runs split over all of them.
+  cores = host.usable_cores()
+  assert f"host devices: {cores}, one per usable core" in out.stderr
+  assert f"Lake's runs split over {cores} cpu device(s)" in out.stderr
   record = json.loads((tmp_path / "work" / "eval_lake_runs.json").read_text())
   clean = record["mean_error"]["clean_accuracy"]["mean"]
   robust = record["mean_error"]["robust_accuracy@1.0"]["mean"]
   assert clean <= 0.05 and robust == 1.0 and len(record["per_run"]) == 20
+  # The mean errors as TensorBoard scalars at the checkpoint's step.
+  shown, _ = scalars_as_tensorboard_shows(tmp_path / "work" / EVAL_FOLDER)
+  assert shown == {f"lake/{name.replace('accuracy', 'error')}": [(0, pytest.approx(e["mean"]))]
+                   for name, e in record["mean_error"].items()}
+  assert set(shown) == {"lake/clean_error", "lake/robust_error@1.0", "lake/summed_robust_error@1.0"}
+
+
+def test_runs_split_over_devices_give_the_single_device_errors(tmp_path):
+  """3 simulated devices (the 20 runs padded to 21) and 1 score every run the same,
+  under an attack whose random start is keyed by the run."""
+  _save_initial_checkpoint(tmp_path / "work")
+  runs = write_runs(tmp_path / "all_runs.zip")
+  records = {}
+  for n in (1, 0):   # 0: all 3
+    out = run_on_devices(["-m", "experiments.evaluate_lake", f"--runs={runs}",
+                          f"--workdir={tmp_path / 'work'}", f"--num_devices={n}",
+                          f"--output={tmp_path / f'{n}.json'}", "--epsilons=0.1",
+                          "--attacks=pgd", "--attack_steps=2", "--inner_steps=5"], devices=3)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"Lake's runs split over {n or 3} cpu device(s)" in out.stderr
+    records[n] = json.loads((tmp_path / f"{n}.json").read_text())
+  assert records[0]["per_run"] == records[1]["per_run"]
+  robust = [r["robust_accuracy@0.1"] for r in records[0]["per_run"].values()]
+  assert len(set(robust)) > 1, robust   # not all 0 or 1: the runs differ

@@ -1,4 +1,4 @@
-"""TensorBoard scalars of training, read back from the event files."""
+"""TensorBoard scalars of training and of evaluations, read back from the event files."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from advmaml.config import preset
-from advmaml.tensorboard_scalars import FOLDER
+from advmaml.tensorboard_scalars import EVAL_FOLDER, FOLDER
 from advmaml.training import train
+from conftest import run_module
 
 
 def read_events(path: pathlib.Path) -> list:
@@ -71,3 +72,52 @@ def test_training_writes_its_metrics_as_scalars_and_a_resume_purges_the_repeated
 def test_tensorboard_false_writes_no_events(tiny, tmp_path):
   train(tiny.replace(num_steps=1, eval_every=0), tmp_path, tensorboard=False)
   assert (tmp_path / "metrics.jsonl").exists() and not (tmp_path / FOLDER).exists()
+
+
+def _event_files(folder: pathlib.Path) -> list[str]:
+  return sorted(p.name for p in folder.glob("events.out.tfevents.*"))
+
+
+def test_evaluations_write_their_scalars_in_their_own_folder(tiny_run, tmp_path):
+  source, env = tiny_run
+  work = tmp_path / "run"   # a copy: other tests evaluate the shared run too
+  shutil.copytree(source, work, ignore=shutil.ignore_patterns("evaluation", "eval_*", "*.png"))
+  training = scalars_as_tensorboard_shows(work / FOLDER)
+  training_files = _event_files(work / FOLDER)
+  assert "train/loss" in training[0]
+
+  def evaluate(*args):
+    out = run_module("experiments.evaluate", *args, "--episodes=4", env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+  evaluate(f"--workdir={work}")
+  clean = json.loads((work / "eval_test.json").read_text())
+  evaluate(f"--workdir={work}", "--split=val", "--epsilons=0.05", "--attacks=fgsm",
+           "--noper_example", "--noplot")
+  robust = json.loads((work / "eval_val.json").read_text())
+  shown, _ = scalars_as_tensorboard_shows(work / EVAL_FOLDER)
+  step = clean["step"]
+  assert step == 2 and len(_event_files(work / EVAL_FOLDER)) == 2   # a file per evaluation
+  assert shown == {
+      "test/accuracy": [(step, pytest.approx(clean["metrics"]["accuracy"]["mean"]))],
+      **{f"eval_val/{name}": [(step, pytest.approx(m["mean"]))]
+         for name, m in robust["metrics"].items()}}
+  assert {"eval_val/clean_accuracy", "eval_val/robust_accuracy@0.05"} <= set(shown)
+  # The training's events are untouched: no new file, no purge, the same points.
+  assert _event_files(work / FOLDER) == training_files
+  assert scalars_as_tensorboard_shows(work / FOLDER) == training
+
+  # A bare checkpoint has no run to show them with; --notensorboard writes none.
+  out = evaluate(f"--workdir={work / 'checkpoints'}")
+  assert "No TensorBoard scalars" in out.stderr
+  evaluate(f"--workdir={work}", "--notensorboard")
+  assert len(_event_files(work / EVAL_FOLDER)) == 2
+  # A folder that cannot be written (here a file in its way) leaves the result written.
+  blocked = tmp_path / "blocked"
+  shutil.copytree(work, blocked, ignore=shutil.ignore_patterns(FOLDER))
+  (blocked / FOLDER).write_text("")
+  (blocked / "eval_test.json").unlink()
+  out = evaluate(f"--workdir={blocked}")
+  assert "TensorBoard scalars not written: cannot write" in out.stderr
+  assert (blocked / "eval_test.json").exists()
