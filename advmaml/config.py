@@ -41,7 +41,7 @@ class Config:
   kernels: str = "auto"             # "cpu" (fast CPU kernels), "reference" (plain JAX, every transformation), "auto" (cpu on CPU, reference on GPU/TPU)
   conv_impl: str = "im2col"         # the cpu kernels' convolution: "im2col" (fast), "xla" (lax.conv), "taps", "winograd"
   # Learner (advmaml.learners.LEARNERS) and its inner loop.
-  learner: str = "maml"             # "maml" (with --first_order: FOMAML, --anil: ANIL, --meta_sgd: Meta-SGD)
+  learner: str = "maml"             # "maml" (with --first_order: FOMAML, --anil: ANIL, --meta_sgd: Meta-SGD), "protonet", "r2d2", "metaoptnet"
   inner_optimizer: str = "sgd"      # the inner loop's optax update (advmaml.optimizers.INNER_OPTIMIZERS), at inner_lr
   inner_lr: float = 0.4
   inner_steps: int = 1
@@ -255,6 +255,11 @@ def validate(cfg: Config) -> None:
     value, allowed = getattr(cfg, name), choices()
     if value not in allowed:
       raise ConfigError(f"--{name}={value!r}; choose one of {allowed}")
+  if cfg.learner != "maml":
+    for name in ("first_order", "anil", "meta_sgd", "remat"):
+      if getattr(cfg, name):
+        raise ConfigError(f"--{name} sets MAML's inner loop; --learner={cfg.learner!r} has none "
+                          "(it fits its head in closed form)")
   if cfg.meta_sgd and cfg.inner_optimizer != "sgd":
     raise ConfigError(f"--meta_sgd learns the inner loop's per-parameter rates, which replace "
                       f"--inner_optimizer={cfg.inner_optimizer!r}; use --inner_optimizer=sgd")

@@ -231,7 +231,7 @@ def test_from_config_reads_n_way_batch_norm_and_phase():
     hash(learner)   # a static jit argument
     with pytest.raises(ValueError, match="phase"):
       module.from_config(cfg, model, phase="test")
-  assert metaoptnet.from_config(cfg, model, phase="eval").iterations == metaoptnet.EVAL_ITERATIONS
+  assert metaoptnet.from_config(cfg, model, phase="test").iterations == metaoptnet.EVAL_ITERATIONS
   assert metaoptnet.from_config(cfg, model).iterations == metaoptnet.TRAIN_ITERATIONS
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from advmaml.learners import maml
+from advmaml.learners import maml, metaoptnet, protonet, r2d2
 from advmaml.learners.base import (FewShotLearner, adapt_key, cross_entropy, initial_state,
                                    query_loss)
 from advmaml.learners.maml import MAML
@@ -21,6 +21,9 @@ LearnerFactory = Callable[..., FewShotLearner]
 
 LEARNERS: dict[str, LearnerFactory] = {
     "maml": maml.from_config,   # also FOMAML, ANIL, Meta-SGD (--first_order, --anil, --meta_sgd)
+    "protonet": protonet.from_config,       # Snell et al. 2017
+    "r2d2": r2d2.from_config,               # Bertinetto et al. 2019
+    "metaoptnet": metaoptnet.from_config,   # Lee et al. 2019, the SVM head
 }
 
 PHASES = ("train", "test")

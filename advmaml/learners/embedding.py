@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from advmaml.models import HEAD, ModelSpec
 
 BATCH_NORMS = ("batch", "support")
-PHASES = ("train", "eval")
+PHASES = ("train", "test")   # as advmaml.learners.PHASES
 
 
 def check_settings(model: ModelSpec, n_way: int, batch_norm: str) -> None:

@@ -96,7 +96,7 @@ TRAIN_ITERATIONS, EVAL_ITERATIONS = 50, 100
 
 
 def from_config(cfg, model: ModelSpec, *, phase: str = "train") -> MetaOptNetSVM:
-  """The MetaOptNet-SVM of a run: cfg.n_way, cfg.batch_norm; more ADMM iterations at "eval".
+  """The MetaOptNet-SVM of a run: cfg.n_way, cfg.batch_norm; more ADMM iterations at "test".
 
   C, the dual ridge and the iteration counts keep their defaults until the config
   has fields for them (``svm_c``, ``svm_dual_ridge``, ``svm_iterations``,
