@@ -194,7 +194,7 @@ CHOICES: dict[str, Callable[[], tuple[str, ...]]] = {
 
 def train_attack_config(cfg: Config):
   """The ``attacks.AttackConfig`` of the training-time attack (one restart, CE loss)."""
-  from advmaml import attacks  # local: keep config import-light
+  from advmaml.adversary import attacks  # local: keep config import-light
   return attacks.AttackConfig(
       name=cfg.train_attack, norm=cfg.train_norm, epsilon=cfg.train_epsilon,
       step_size=cfg.train_step_size, steps=cfg.train_attack_steps, restarts=1,

@@ -23,7 +23,7 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
-from advmaml import benchmark
+from advmaml.bench import benchmark
 
 _METADATA = re.compile(r",?\s*metadata=\{[^{}]*\}")
 # The tables of source files, functions and stack frames the metadata points into.
@@ -47,7 +47,7 @@ def renamed(text: str) -> str:
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("workloads", nargs="+", help="names of advmaml.benchmark.WORKLOADS")
+  parser.add_argument("workloads", nargs="+", help="names of advmaml.bench.benchmark.WORKLOADS")
   parser.add_argument("--num_devices", type=int, default=1)
   parser.add_argument("--overrides", default="{}", help="JSON of config fields, e.g. kernels")
   parser.add_argument("--dump_dir", default=None, help="also write each program's text here")

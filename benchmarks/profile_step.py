@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advmaml import benchmark
+from advmaml.bench import benchmark
 
 
 def main() -> None:

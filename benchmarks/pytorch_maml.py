@@ -1,6 +1,6 @@
 r"""PyTorch reference for the JAX benchmark: learn2learn-style second-order MAML.
 
-Runs the workloads of ``advmaml/benchmark.py`` (B1-B4, max-pool or strided
+Runs the workloads of ``advmaml/bench/benchmark.py`` (B1-B4, max-pool or strided
 Conv4, 5-way 1-shot, synthetic uint8 images) the way a PyTorch user would
 write them: a Python loop over the tasks of a meta-batch, per-task adapted
 weights from ``torch.autograd.grad(..., create_graph=True)``, one backward
@@ -29,11 +29,11 @@ try:
 except ImportError:
   sys.exit("pip install torch==2.13.0 (CPU wheel) to run the PyTorch baseline")
 
-from advmaml.host import cpu_model, keep_freed_memory  # jax-free; the project is installed (pip install -e .)
+from advmaml.runtime.host import cpu_model, keep_freed_memory  # jax-free; the project is installed (pip install -e .)
 
 N_WAY, K_SHOT, FILTERS, INNER_LR, OUTER_LR = 5, 1, 64, 0.4, 1e-3
 PGD = dict(epsilon=0.1, step_size=0.025, steps=7)  # L-inf, uniform random start
-WORKLOADS = {  # as advmaml/benchmark.py; throughput unit per step: 1 meta-step or meta_batch tasks
+WORKLOADS = {  # as advmaml/bench/benchmark.py; throughput unit per step: 1 meta-step or meta_batch tasks
     "B1": dict(kind="train", meta_batch=8, q_query=5, inner_steps=1, attack=False),
     "B2": dict(kind="train", meta_batch=32, q_query=15, inner_steps=1, attack=False),
     "B3": dict(kind="train", meta_batch=8, q_query=5, inner_steps=1, attack=True),
@@ -170,7 +170,7 @@ def make_step(work: dict, model: str, seed: int = 0):
 
 def time_workload(name: str, model: str, repeats: int, min_steps: int, min_seconds: float) -> dict:
   """One warm-up step off the clock, then ``repeats`` runs of min_steps steps or min_seconds,
-  whichever first (at least min(3, min_steps) steps), as advmaml.benchmark.run_workload."""
+  whichever first (at least min(3, min_steps) steps), as advmaml.bench.benchmark.run_workload."""
   work = WORKLOADS[name]
   step, _ = make_step(work, model)
   step()
@@ -232,7 +232,7 @@ def main() -> None:
   parser.add_argument("--check", action="store_true", help="run the quick self-check and exit")
   parser.add_argument("--keep_freed_memory", action="store_true",
                       help="glibc malloc reuses freed memory instead of page-faulting it afresh "
-                      "(advmaml.host.keep_freed_memory; as advmaml's --keep_freed_memory)")
+                      "(advmaml.runtime.host.keep_freed_memory; as advmaml's --keep_freed_memory)")
   args = parser.parse_args()
   kept = keep_freed_memory() if args.keep_freed_memory else False
   torch.set_num_threads(args.threads)

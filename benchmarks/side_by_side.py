@@ -9,7 +9,7 @@ round and each workload, ``python -m experiments.benchmark`` and then
 (one timed repeat of ``--min_seconds``; compilation and warm-up excluded), and
 reports per workload both throughputs and the ratio ours / PyTorch of each
 round, with the median and min-max over rounds. ``--malloc=keep`` runs both
-sides with glibc's malloc reusing freed memory (``advmaml.host.
+sides with glibc's malloc reusing freed memory (``advmaml.runtime.host.
 keep_freed_memory``), which PyTorch gains up to 32% from (notes section 14).
 ``--cpu_devices=N`` runs our workloads with their tasks split over N
 simulated CPU devices (``--num_devices``). Needs PyTorch

@@ -6,7 +6,7 @@ import dataclasses
 
 from absl import app, flags
 
-from advmaml import robust_eval
+from advmaml.eval import robust_eval
 from experiments import cli
 
 # Budgets by name; flags given explicitly override them.

@@ -12,7 +12,7 @@ time, FLOPs per step, achieved GFLOP/s, fraction of peak and peak memory.
 """
 
 # First, before anything imports JAX: the host device count is fixed when JAX starts.
-from advmaml import host
+from advmaml.runtime import host
 HOST_DEVICES = host.use_all_cpu_cores()
 
 import json
@@ -20,10 +20,11 @@ import pathlib
 
 from absl import app, flags, logging
 
-from advmaml import benchmark, sharding
+from advmaml.bench import benchmark
+from advmaml.runtime import sharding
 from advmaml.kernels import CONV_IMPLS, KERNELS
-from advmaml.progress import Progress
-from advmaml.trained_runs import write_json
+from advmaml.io.progress import Progress
+from advmaml.eval.trained_runs import write_json
 from experiments import malloc_flag
 
 CONFIG = flags.DEFINE_list("config", [], f"Workloads to run, from {sorted(benchmark.WORKLOADS)}.")

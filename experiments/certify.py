@@ -3,16 +3,16 @@ r"""Certified L2 accuracy of a trained few-shot learner by randomized smoothing.
   python -m experiments.certify --workdir=runs/maml_5w1s --sigma=0.25 \
       --radii=0.125,0.25,0.5 [--n0=100 --n=1000 --alpha=0.001 --episodes=600 --seed=0]
 
-Episode i is the one ``experiments.evaluate --seed`` draws (advmaml.evaluation);
+Episode i is the one ``experiments.evaluate --seed`` draws (advmaml.eval.evaluation);
 the learner adapts on its clean support set and every query example is
-certified by Cohen et al.'s CERTIFY (advmaml.smoothing). Writes
+certified by Cohen et al.'s CERTIFY (advmaml.eval.smoothing). Writes
 <workdir>/certify_<split>.json (or --output): certified_accuracy@<r> per radius,
 smoothed_accuracy, abstention_rate, mean_certified_radius and clean_accuracy,
 each with its 95% interval over episodes, and the settings under "certify".
 """
 
 # First, before anything imports JAX: the host device count is fixed when JAX starts.
-from advmaml import host
+from advmaml.runtime import host
 HOST_DEVICES = host.use_all_cpu_cores()
 
 import dataclasses
@@ -20,9 +20,9 @@ import math
 
 from absl import app, flags, logging
 
-from advmaml import smoothing
-from advmaml.robust_eval import metric_key
-from advmaml.trained_runs import evaluate_trained, load_trained, write_json
+from advmaml.eval import smoothing
+from advmaml.eval.robust_eval import metric_key
+from advmaml.eval.trained_runs import evaluate_trained, load_trained, write_json
 from experiments import cli, run_flags
 from experiments.run_flags import (DATA_DIR, EPISODES, INNER_STEPS, NUM_DEVICES, SEED, SPLIT,
                                    WORKDIR)

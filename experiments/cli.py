@@ -17,11 +17,11 @@ import sys
 
 from absl import app, flags
 
-from advmaml.checkpoint import CheckpointError
+from advmaml.io.checkpoint import CheckpointError
 from advmaml.config import ConfigError
 from advmaml.data.omniglot import DataError
-from advmaml.training import DivergedError
-from advmaml.workdir import WorkdirError, describe_os_error
+from advmaml.train.training import DivergedError
+from advmaml.io.workdir import WorkdirError, describe_os_error
 from experiments import malloc_flag
 
 TRUST_UNVERIFIED = flags.DEFINE_bool(

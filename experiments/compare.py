@@ -3,7 +3,7 @@ r"""Compare trained runs: one table and two figures from their workdirs' kept JS
   python -m experiments.compare runs/a runs/b ... [--markdown] [--output_dir=DIR] [--name=NAME]
 
 Prints one row per workdir (model, objective, meta-steps, wall time, clean and
-robust accuracy at each epsilon with 95% intervals; ``advmaml.compare`` says
+robust accuracy at each epsilon with 95% intervals; ``advmaml.eval.compare`` says
 which files and how the wall time is counted) and writes DIR/robust_NAME.png
 (accuracy against epsilon, one line per run) and DIR/val_NAME.png (validation
 accuracy against meta-steps).
@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags, logging
 
-from advmaml.compare import CompareError, summarize, table, write_figures
+from advmaml.eval.compare import CompareError, summarize, table, write_figures
 from experiments import cli
 
 MARKDOWN = flags.DEFINE_bool("markdown", False, "Print the table as Markdown (for the README).")

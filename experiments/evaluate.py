@@ -22,7 +22,7 @@ scalars at the checkpoint's step (test/accuracy, test/robust_accuracy@<eps>,
 ...; eval_val/... and eval_train/... on those splits) in
 <workdir>/tensorboard/evaluation/; --notensorboard turns it off.
 
-Gradient-masking checks (experiments/masking_flags.py, advmaml/masking.py),
+Gradient-masking checks (experiments/masking_flags.py, advmaml/eval/masking.py),
 each off unless its flag is given, add their numbers to "metrics"
 (masking/...) and their verdicts under "masking_checks"; a failed check is
 logged as a warning naming it:
@@ -33,7 +33,7 @@ logged as a warning naming it:
 """
 
 # First, before anything imports JAX: the host device count is fixed when JAX starts.
-from advmaml import host
+from advmaml.runtime import host
 HOST_DEVICES = host.use_all_cpu_cores()
 
 import pathlib
@@ -41,10 +41,10 @@ import pathlib
 import jax
 from absl import app, flags, logging
 
-from advmaml import masking, plots, robust_eval
-from advmaml.evaluation import evaluation_episode
-from advmaml.tensorboard_scalars import evaluation_prefix
-from advmaml.trained_runs import evaluate_trained, load_trained, test_learner, write_json
+from advmaml.eval import masking, plots, robust_eval
+from advmaml.eval.evaluation import evaluation_episode
+from advmaml.io.tensorboard_scalars import evaluation_prefix
+from advmaml.eval.trained_runs import evaluate_trained, load_trained, test_learner, write_json
 from experiments.attack_flags import (AttackSettings, attack_record, attack_settings_from_flags,
                                       metric_fn_from_settings)
 from experiments import cli, masking_flags, run_flags, tensorboard_flag

@@ -14,15 +14,15 @@ lake/clean_error and lake/robust_error@<eps>) in <workdir>/tensorboard/evaluatio
 """
 
 # First, before anything imports JAX: the host device count is fixed when JAX starts.
-from advmaml import host
+from advmaml.runtime import host
 HOST_DEVICES = host.use_all_cpu_cores()
 
 import jax
 from absl import app, flags, logging
 
 from advmaml.data.lake_runs import load_lake_runs
-from advmaml.lake_eval import as_float_episodes, check_model_fits_lake, evaluate_lake
-from advmaml.trained_runs import (check_outputs_finite, evaluation_mesh, load_checkpointed_run,
+from advmaml.eval.lake_eval import as_float_episodes, check_model_fits_lake, evaluate_lake
+from advmaml.eval.trained_runs import (check_outputs_finite, evaluation_mesh, load_checkpointed_run,
                                   test_learner, write_json)
 from experiments.attack_flags import attack_record, attack_settings_from_flags, metric_fn_from_settings
 from experiments import cli, tensorboard_flag

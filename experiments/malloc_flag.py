@@ -2,7 +2,7 @@
 
 XLA's CPU runtime allocates each step's temporaries afresh; with glibc's
 default settings those come from new pages every step, each page faulted in
-and zero-filled by the kernel (see ``advmaml.host.keep_freed_memory``). The
+and zero-filled by the kernel (see ``advmaml.runtime.host.keep_freed_memory``). The
 benchmarks use it to compare against PyTorch under the same allocator
 settings (``benchmarks/side_by_side.py --malloc=keep``); PyTorch, which
 allocates per op, gains far more from it than our jitted step does.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from absl import flags, logging
 
-from advmaml import host
+from advmaml.runtime import host
 
 KEEP_FREED_MEMORY = flags.DEFINE_bool(
     "keep_freed_memory", False,

@@ -1,4 +1,4 @@
-"""absl flags of the gradient-masking checks of ``evaluate`` (advmaml.masking).
+"""absl flags of the gradient-masking checks of ``evaluate`` (advmaml.eval.masking).
 
 Each check is off unless its flag is given; all need --epsilons (they compare
 with, or extend, the white-box robust accuracy) and a query attack.
@@ -12,8 +12,8 @@ import pathlib
 
 from absl import app, flags, logging
 
-from advmaml import masking
-from advmaml.trained_runs import TrainedRun, image_shape_for, load_checkpointed_run
+from advmaml.eval import masking
+from advmaml.eval.trained_runs import TrainedRun, image_shape_for, load_checkpointed_run
 from experiments.attack_flags import AttackSettings
 
 TRANSFER_FROM = flags.DEFINE_string(

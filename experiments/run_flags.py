@@ -1,6 +1,6 @@
 """absl flags naming a trained run and its evaluation episodes, shared by evaluate and certify.
 
-Episode i of ``--seed`` is the same in both (advmaml.evaluation), so their
+Episode i of ``--seed`` is the same in both (advmaml.eval.evaluation), so their
 numbers are for the same episodes.
 """
 

@@ -2,7 +2,7 @@
 
 Training writes its logged metrics in ``<workdir>/tensorboard/``; an evaluation
 of a training workdir writes its scalars, at the evaluated checkpoint's step,
-in ``<workdir>/tensorboard/evaluation/`` (``advmaml.tensorboard_scalars``).
+in ``<workdir>/tensorboard/evaluation/`` (``advmaml.io.tensorboard_scalars``).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import os
 
 from absl import flags, logging
 
-from advmaml import tensorboard_scalars
-from advmaml.workdir import describe_os_error, is_training_workdir
+from advmaml.io import tensorboard_scalars
+from advmaml.io.workdir import describe_os_error, is_training_workdir
 
 TENSORBOARD = flags.DEFINE_bool(
     "tensorboard", True, "Also write the metrics as TensorBoard scalars (tensorboardX): "

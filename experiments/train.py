@@ -7,14 +7,14 @@ Running again with the same --workdir resumes from its newest checkpoint.
 """
 
 # First, before anything imports JAX: the host device count is fixed when JAX starts.
-from advmaml import host
+from advmaml.runtime import host
 HOST_DEVICES = host.use_all_cpu_cores()
 
 import jax
 from absl import app, flags, logging
 
 from advmaml.config import validate
-from advmaml.training import train
+from advmaml.train.training import train
 from experiments import cli, config_flags
 from experiments.tensorboard_flag import TENSORBOARD
 

@@ -42,7 +42,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from advmaml import checkpoint  # noqa: E402
+from advmaml.io import checkpoint  # noqa: E402
 from fake_omniglot import many_chars, write_zips  # noqa: E402
 
 NUM_STEPS = 40

@@ -1,4 +1,4 @@
-"""Tests for advmaml.attacks.
+"""Tests for advmaml.adversary.attacks.
 
 Compiles dominate the run time on a small CPU, so each test jits one function
 that runs all the attacks it compares, and test data come from numpy (every
@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advmaml import attacks as A
-from advmaml.attacks import AttackConfig
+from advmaml.adversary import attacks as A
+from advmaml.adversary.attacks import AttackConfig
 
 HW = (4, 4, 1)
 D = 16
@@ -536,7 +536,7 @@ def test_last_iterate_is_plain_pgd_and_costs_steps_gradients(trained_mlp):
   """track_best=False against a hand-written PGD loop (same start), on the
   batch-coupled MLP, and its cost: `steps` forward+backward passes, where the
   tracked attack takes one more plus a clean forward."""
-  from advmaml.flops import count_flops
+  from advmaml.bench.flops import count_flops
   params, x, y = trained_mlp
   x, y = x[:32], y[:32]
   key = jax.random.key(21)

@@ -1,4 +1,4 @@
-"""Tests for AutoAttack's parts (advmaml.square, advmaml.fab, advmaml.autoattack).
+"""Tests for AutoAttack's parts (advmaml.adversary.square, advmaml.adversary.fab, advmaml.adversary.autoattack).
 
 Linear models give closed forms: for logits x.W + b and box-free inputs, the
 smallest L-inf (L2) perturbation that makes class j beat y has norm
@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advmaml import attacks as A
-from advmaml import autoattack as AA
-from advmaml.attacks import AttackConfig
-from advmaml.fab import FabConfig, fab, project_hyperplane
-from advmaml.square import SquareConfig, bump, p_schedule, square, window_side
+from advmaml.adversary import attacks as A
+from advmaml.adversary import autoattack as AA
+from advmaml.adversary.attacks import AttackConfig
+from advmaml.adversary.fab import FabConfig, fab, project_hyperplane
+from advmaml.adversary.square import SquareConfig, bump, p_schedule, square, window_side
 
 HW = (4, 4, 1)
 D = 16

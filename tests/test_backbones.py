@@ -14,13 +14,13 @@ from jax.test_util import check_grads
 
 from advmaml import models
 from advmaml.config import Config, ConfigError, preset, validate
-from advmaml.evaluation import evaluate_episodes
+from advmaml.eval.evaluation import evaluate_episodes
 from advmaml.learners import cross_entropy
-from advmaml.meta_step import init_train_state, make_train_step
+from advmaml.train.meta_step import init_train_state, make_train_step
 from advmaml.models import BatchStatNorm, Conv, make_model
 from advmaml.models.resnet12 import widths
 from advmaml.objectives import natural
-from advmaml.training import build_experiment
+from advmaml.train.training import build_experiment
 
 
 def resnet12_parameter_count(channels, in_channels: int, n_way: int) -> int:

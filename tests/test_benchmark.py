@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 from simulated_devices import json_verdict_on_devices, run_on_devices
 
-from advmaml import benchmark
+from advmaml.bench import benchmark
 from advmaml.config import preset
 from advmaml.models import make_model
 
@@ -76,7 +76,7 @@ _TINY = dict(model="conv4", filters=8, meta_batch_size=2, inner_steps=1)
 # both (the outputs live on both devices) and the record says so.
 _TWO_DEVICE_PROBE = """
 import json, jax, jax.numpy as jnp, numpy as np
-from advmaml import benchmark
+from advmaml.bench import benchmark
 work = benchmark.Workload("tiny", "tiny", %r, q_query=2)
 pool = jnp.asarray(np.random.default_rng(0).integers(0, 256, (64, 20, 28, 28), dtype=np.uint8))
 fn, args, _ = benchmark._build(work, pool, num_devices=2)
@@ -102,8 +102,8 @@ def test_train_workload_splits_its_tasks_over_the_requested_devices():
 # accuracies and counted FLOPs as on one device.
 _TWO_DEVICE_ADAPT_PROBE = """
 import json, jax, jax.numpy as jnp, numpy as np
-from advmaml import benchmark
-from advmaml.flops import jaxpr_flops
+from advmaml.bench import benchmark
+from advmaml.bench.flops import jaxpr_flops
 work = benchmark.Workload("tiny-adapt", "tiny", dict(%r, eval_inner_steps=2), kind="adapt",
                           q_query=2)
 pool = jnp.asarray(np.random.default_rng(0).integers(0, 256, (64, 20, 28, 28), dtype=np.uint8))

@@ -1,4 +1,4 @@
-"""Tests for advmaml.checkpoint: round trips, pruning, crash safety, and that
+"""Tests for advmaml.io.checkpoint: round trips, pruning, crash safety, and that
 malicious or damaged files are refused without running anything."""
 
 import collections
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advmaml import checkpoint as ckpt
+from advmaml.io import checkpoint as ckpt
 
 # Records calls made by `_record`; a refused payload must leave it empty.
 SIDE_EFFECTS = []

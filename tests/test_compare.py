@@ -11,9 +11,9 @@ import sys
 import pytest
 from PIL import Image
 
-from advmaml.compare import wall_seconds
+from advmaml.eval.compare import wall_seconds
 from advmaml.config import preset
-from advmaml.training import train
+from advmaml.train.training import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""advmaml.flops counts matmul/conv FLOPs with every loop trip, against closed forms and XLA."""
+"""advmaml.bench.flops counts matmul/conv FLOPs with every loop trip, against closed forms and XLA."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from advmaml import benchmark
+from advmaml.bench import benchmark
 from advmaml.config import preset
-from advmaml.flops import count_flops
+from advmaml.bench.flops import count_flops
 from advmaml.models import make_model
 
 M, K, N = 6, 5, 4

@@ -1,4 +1,4 @@
-"""advmaml.host.keep_freed_memory: freed blocks are reused instead of faulted in afresh."""
+"""advmaml.runtime.host.keep_freed_memory: freed blocks are reused instead of faulted in afresh."""
 
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from advmaml import host
+from advmaml.runtime import host
 
 # Allocates, touches and frees a 64 MiB block twice in a fresh process (so the
 # setting does not leak into the test process) and prints the minor page
@@ -14,7 +14,7 @@ from advmaml import host
 # first pays for its temporaries.
 _PROBE = textwrap.dedent("""
     import ctypes, resource, sys
-    from advmaml import host
+    from advmaml.runtime import host
     applied = host.keep_freed_memory() if sys.argv[1] == "keep" else False
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
@@ -62,7 +62,7 @@ _DEVICES_PROBE = textwrap.dedent("""
       os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")})
     import experiments.train as entry
     import jax
-    from advmaml import sharding
+    from advmaml.runtime import sharding
     print(json.dumps({"devices": jax.device_count(), "note": entry.HOST_DEVICES,
                       "xla_flags": os.environ.get("XLA_FLAGS", ""),
                       "dividing": [sharding.dividing_device_count(n) for n in (32, 9, 7)]}))

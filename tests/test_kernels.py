@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from advmaml import robust_eval
+from advmaml.eval import robust_eval
 from advmaml.config import preset
-from advmaml.evaluation import evaluate_episodes
+from advmaml.eval.evaluation import evaluate_episodes
 from advmaml.kernels import ChunkBudget, CpuKernels
 from advmaml.learners import MAML as Learner, cross_entropy, query_loss
 from advmaml.models import make_model
-from advmaml.training import build_experiment
+from advmaml.train.training import build_experiment
 
 N_WAY, SIZE = 3, 16
 # The Conv4s. ResNet-12's forms of the two tests below took 140-190 s each on 2 cores

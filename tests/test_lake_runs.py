@@ -16,13 +16,14 @@ import zipfile
 import numpy as np
 import pytest
 
-from advmaml import checkpoint, host, progress
+from advmaml.io import checkpoint, progress
+from advmaml.runtime import host
 from advmaml.config import ConfigError, preset
 from advmaml.data.lake_runs import load_lake_runs
 from advmaml.data.omniglot import DataError
-from advmaml.lake_eval import evaluate_lake, runs_per_call
-from advmaml.tensorboard_scalars import EVAL_FOLDER
-from advmaml.training import build_experiment, initial_state, state_to_tree
+from advmaml.eval.lake_eval import evaluate_lake, runs_per_call
+from advmaml.io.tensorboard_scalars import EVAL_FOLDER
+from advmaml.train.training import build_experiment, initial_state, state_to_tree
 from fake_omniglot import ink_mask, png_bytes
 from simulated_devices import run_on_devices
 from test_tensorboard_scalars import scalars_as_tensorboard_shows

@@ -13,15 +13,16 @@ import numpy as np
 import optax
 import pytest
 
-from advmaml import learners, robust_eval
+from advmaml import learners
+from advmaml.eval import robust_eval
 from advmaml.config import ConfigError, preset, validate
-from advmaml.evaluation import evaluate_episodes
+from advmaml.eval.evaluation import evaluate_episodes
 from advmaml.learners import MAML, FewShotLearner, query_loss
-from advmaml.meta_step import init_train_state, make_train_step
+from advmaml.train.meta_step import init_train_state, make_train_step
 from advmaml.models import ModelSpec, make_model
 from advmaml.objectives import get_objective, natural
-from advmaml.trained_runs import evaluate_trained, load_trained
-from advmaml.training import build_experiment, train
+from advmaml.eval.trained_runs import evaluate_trained, load_trained
+from advmaml.train.training import build_experiment, train
 
 
 # -- a new learner, against the protocol only (no library change) ------------------------

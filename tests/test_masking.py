@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advmaml import masking, robust_eval
-from advmaml.evaluation import evaluate_episodes
+from advmaml.eval import masking, robust_eval
+from advmaml.eval.evaluation import evaluate_episodes
 from advmaml.learners import MAML as Learner, query_loss
 from conftest import run_module as _run
 from tests.test_robust_eval import synthetic_pool

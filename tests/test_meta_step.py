@@ -11,10 +11,10 @@ import pytest
 
 from advmaml.learners import query_loss
 from advmaml.config import ConfigError, preset, validate
-from advmaml.meta_step import (AUTO_TASK_CHUNK, init_train_state, make_train_step,
+from advmaml.train.meta_step import (AUTO_TASK_CHUNK, init_train_state, make_train_step,
                                resolve_task_chunk)
 from advmaml.objectives import get_objective
-from advmaml.training import build_experiment
+from advmaml.train.training import build_experiment
 
 META_BATCH = 8
 
@@ -83,7 +83,7 @@ def adapted_query_loss(learner, meta_params, episode, key):
 
 def test_evaluation_gives_the_same_episodes_one_at_a_time_or_vmapped():
   import functools
-  from advmaml.evaluation import _evaluate_batch
+  from advmaml.eval.evaluation import _evaluate_batch
   cfg = preset("tiny")
   exp = build_experiment(cfg, (16, 16, 1))
   meta = exp.learner.init_meta_params(exp.model.init(jax.random.key(0)))

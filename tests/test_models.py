@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from advmaml import host
-from advmaml.flops import count_flops
+from advmaml.runtime import host
+from advmaml.bench.flops import count_flops
 from advmaml.kernels import (ChunkBudget, CpuKernels, ReferenceKernels, cpu, make_kernels,
                              reference, resolve)
 from advmaml.kernels.cpu import conv2d_im2col, conv2d_taps, conv2d_winograd, max_pool_2x2

@@ -8,10 +8,10 @@ import re
 import jax
 import numpy as np
 
-from advmaml import progress
+from advmaml.io import progress
 from advmaml.config import preset
-from advmaml.evaluation import evaluate_episodes
-from advmaml.training import build_experiment
+from advmaml.eval.evaluation import evaluate_episodes
+from advmaml.train.training import build_experiment
 
 
 def _evaluate(caplog, episodes: int) -> list[str]:

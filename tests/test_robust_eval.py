@@ -24,9 +24,9 @@ import optax
 import pytest
 from PIL import Image
 
-from advmaml import plots, robust_eval
+from advmaml.eval import plots, robust_eval
 from advmaml.data.episodes import sample_episodes
-from advmaml.evaluation import evaluate_episodes
+from advmaml.eval.evaluation import evaluate_episodes
 from advmaml.learners import MAML as Learner, query_loss
 from conftest import run_module as _run
 

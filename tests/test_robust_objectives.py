@@ -16,11 +16,12 @@ import numpy as np
 import optax
 import pytest
 
-from advmaml import attacks, config
+from advmaml import config
+from advmaml.adversary import attacks
 from advmaml.objectives import robust as ro
 from advmaml.data.episodes import Episode
 from advmaml.learners import MAML as Learner, query_loss
-from advmaml.meta_step import init_train_state, make_train_step
+from advmaml.train.meta_step import init_train_state, make_train_step
 from advmaml.models import make_model
 from advmaml.objectives import get_objective, natural
 
@@ -322,7 +323,7 @@ def test_train_attack_config_maps_the_flags():
 
 
 def test_runs_saved_before_train_attack_best_resume_as_they_ran(tmp_path):
-  from advmaml.training import check_saved_config
+  from advmaml.train.training import check_saved_config
   old = json.loads(config.Config(objective="aq").to_json())
   del old["train_attack_best"]  # what a config.json from before the field holds
   (tmp_path / "config.json").write_text(json.dumps(old))

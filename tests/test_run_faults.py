@@ -22,11 +22,12 @@ import chex
 import numpy as np
 import pytest
 
-from advmaml import checkpoint, training, workdir as workdir_lib
+from advmaml.io import checkpoint, workdir as workdir_lib
+from advmaml.train import training
 from advmaml.config import ConfigError, preset, validate
-from advmaml.trained_runs import evaluate_trained, load_checkpointed_run, load_trained
-from advmaml.training import DivergedError, train
-from advmaml.workdir import WorkdirError, WorkdirLock
+from advmaml.eval.trained_runs import evaluate_trained, load_checkpointed_run, load_trained
+from advmaml.train.training import DivergedError, train
+from advmaml.io.workdir import WorkdirError, WorkdirLock
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from simulated_devices import REPO, json_verdict_on_devices
 
-from advmaml import host, sharding
+from advmaml.runtime import host, sharding
 from advmaml.kernels import ChunkBudget
 
 

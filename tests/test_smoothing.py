@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from advmaml import smoothing
+from advmaml.eval import smoothing
 from conftest import run_module as _run
 
 SIGMA = 0.25

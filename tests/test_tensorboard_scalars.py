@@ -11,8 +11,8 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from advmaml.config import preset
-from advmaml.tensorboard_scalars import EVAL_FOLDER, FOLDER
-from advmaml.training import train
+from advmaml.io.tensorboard_scalars import EVAL_FOLDER, FOLDER
+from advmaml.train.training import train
 from conftest import run_module
 
 

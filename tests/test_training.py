@@ -13,13 +13,13 @@ import jax
 import numpy as np
 import pytest
 
-from advmaml import checkpoint
+from advmaml.io import checkpoint
 from advmaml.config import ConfigError, preset
 from advmaml.data.omniglot import DataError
-from advmaml.meta_step import init_train_state, make_train_step
+from advmaml.train.meta_step import init_train_state, make_train_step
 from advmaml.objectives import natural
-from advmaml.trained_runs import load_checkpointed_run
-from advmaml.training import (build_experiment, check_saved_config, initial_state,
+from advmaml.eval.trained_runs import load_checkpointed_run
+from advmaml.train.training import (build_experiment, check_saved_config, initial_state,
                               state_to_tree, train)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

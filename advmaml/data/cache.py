@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from advmaml import safe_pickle
+from advmaml.io import safe_pickle
 
 # mkstemp creates 0o600 files; others sharing the folder should read them too.
 FILE_MODE = 0o644
@@ -209,7 +209,7 @@ def resize_rgb(images: np.ndarray, size: int) -> np.ndarray:
 #
 # Data sets ship pickles of plain containers and numpy arrays, some written
 # by Python 2 (CIFAR-100). pickle.load would run whatever callable a file
-# names; advmaml.safe_pickle (shared with checkpoints) resolves only checking
+# names; advmaml.io.safe_pickle (shared with checkpoints) resolves only checking
 # stand-ins for the few numpy globals an array needs. Unlike checkpoints,
 # these files need encoding="bytes" (Python 2 str), bytes keys and values,
 # protocols 2 to 5; arrays stay read-only views of the pickle's bytes, as the

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import jax
 
-from advmaml import host
+from advmaml.runtime import host
 from advmaml.kernels.cpu import CONV_IMPLS, ChunkBudget, CpuKernels
 from advmaml.kernels.reference import ReferenceKernels
 

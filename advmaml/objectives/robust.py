@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from advmaml import attacks
+from advmaml.adversary import attacks
 from advmaml.config import train_attack_config
 from advmaml.data.episodes import Episode
 from advmaml.learners.base import (FewShotLearner as Learner, adapt_key, cross_entropy,
@@ -72,7 +72,7 @@ def kl_attack(cfg: attacks.AttackConfig, logits_fn, params, x: jax.Array,
   """TRADES' inner maximisation: x_adv maximising sum_i KL(p(x)_i || p(x_adv)_i).
 
   Needs no labels: it pushes the prediction away from the clean prediction,
-  which the CE attacks of :mod:`advmaml.attacks` cannot do (CE with the clean
+  which the CE attacks of :mod:`advmaml.adversary.attacks` cannot do (CE with the clean
   argmax as label only approximates the KL and ignores the clean confidence).
   FGSM (one step, default size eps) or PGD (``cfg.steps`` steps, default size
   2.5 * eps / steps) from ``_kl_start``; the last iterate is returned, as in

@@ -7,10 +7,11 @@ import json
 import jax
 import numpy as np
 
-from advmaml import robust_eval, sharding
+from advmaml.eval import robust_eval
+from advmaml.runtime import sharding
 from advmaml.config import preset
-from advmaml.evaluation import _evaluate_batch, evaluate_episodes
-from advmaml.training import build_experiment
+from advmaml.eval.evaluation import _evaluate_batch, evaluate_episodes
+from advmaml.train.training import build_experiment
 
 cfg = preset("tiny", n_way=3, k_shot=1, q_query=2, filters=8)
 # The CPU kernels sized for one device's share of the cores, for each layout.

@@ -6,11 +6,11 @@ import json
 import jax
 import numpy as np
 
-from advmaml import sharding
+from advmaml.runtime import sharding
 from advmaml.config import preset
-from advmaml.meta_step import init_train_state, make_train_step
+from advmaml.train.meta_step import init_train_state, make_train_step
 from advmaml.objectives import natural
-from advmaml.training import build_experiment
+from advmaml.train.training import build_experiment
 
 cfg = preset("tiny", n_way=3, k_shot=1, q_query=2, filters=8, meta_batch_size=8)
 pool = np.random.default_rng(0).integers(0, 256, (12, 20, 16, 16), dtype=np.uint8)

@@ -16,7 +16,7 @@ import optax
 from advmaml.data.episodes import sample_episodes
 from advmaml.learners.base import FewShotLearner as Learner
 from advmaml.objectives import Objective
-from advmaml.sharding import device_count, shard_tasks
+from advmaml.runtime.sharding import device_count, shard_tasks
 
 
 class TrainState(NamedTuple):

@@ -8,7 +8,7 @@ on a synthetic uint8 class pool, and reports:
 * throughput over ``repeats`` timed runs of ``min_steps`` steps or
   ``min_seconds`` seconds each, whichever comes first: median, min and max;
 * FLOPs per step: the matmuls and convolutions of the traced step with every
-  loop trip counted (``advmaml.flops``), next to XLA's cost analysis of the
+  loop trip counted (``advmaml.bench.flops``), next to XLA's cost analysis of the
   compiled program (which counts each loop body once, so it undercounts steps
   with inner or attack loops), and the network's forward pass per image,
   counted from its trace the same way (any backbone) and, for the Conv4s,
@@ -20,7 +20,7 @@ on a synthetic uint8 class pool, and reports:
 
 Workloads can be timed with their tasks split over ``num_devices`` devices,
 through the same mesh ``experiments.train`` and ``experiments.evaluate`` use
-(``advmaml.sharding``).
+(``advmaml.runtime.sharding``).
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advmaml import sharding
+from advmaml.runtime import sharding
 from advmaml.config import Config, preset
-from advmaml.evaluation import _evaluate_batch, clean_accuracy
-from advmaml.flops import jaxpr_flops
-from advmaml.host import cpu_model
-from advmaml.meta_step import init_train_state, make_train_step
+from advmaml.eval.evaluation import _evaluate_batch, clean_accuracy
+from advmaml.bench.flops import jaxpr_flops
+from advmaml.runtime.host import cpu_model
+from advmaml.train.meta_step import init_train_state, make_train_step
 from advmaml.objectives import get_objective
-from advmaml.training import build_experiment, image_shape_of
+from advmaml.train.training import build_experiment, image_shape_of
 
 
 @dataclasses.dataclass(frozen=True)

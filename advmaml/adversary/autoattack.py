@@ -8,7 +8,7 @@ objectives of the masked-out rows are not ascended, but the rows stay in the
 batch (gradient attacks still move them where their perturbation helps the
 others through the batch statistics; Square and FAB leave them clean). An
 example is robust iff no evaluated batch of any part misclassified it, the
-rule of :mod:`advmaml.attacks`, so the cumulative robust accuracy after each
+rule of :mod:`advmaml.adversary.attacks`, so the cumulative robust accuracy after each
 part is the AND of the parts as run.
 
 Parts (the published defaults of the standard version):
@@ -17,12 +17,12 @@ Parts (the published defaults of the standard version):
 * APGD-T: APGD on the targeted DLR loss towards each of the ``targets`` (9,
   at most N-1 in N-way) classes with the highest clean logits after the top
   one, ``steps`` iterations and ``restarts`` restarts per target.
-* FAB-T: minimum-norm targeted attack (:mod:`advmaml.fab`) against the same
+* FAB-T: minimum-norm targeted attack (:mod:`advmaml.adversary.fab`) against the same
   target classes, ``steps`` iterations, ``restarts`` per target.
-* Square: score-based random search (:mod:`advmaml.square`),
+* Square: score-based random search (:mod:`advmaml.adversary.square`),
   ``square_queries`` (5000) queries, p_init 0.8, one restart.
 
-Known deviation: APGD starts where :mod:`advmaml.attacks` starts it, uniformly
+Known deviation: APGD starts where :mod:`advmaml.adversary.attacks` starts it, uniformly
 in the ball, where AutoAttack's code scales its random start to the ball's
 surface.
 """
@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from advmaml import attacks, fab, square
-from advmaml.attacks import AttackConfig, AttackResult, LogitsFn
+from advmaml.adversary import attacks, fab, square
+from advmaml.adversary.attacks import AttackConfig, AttackResult, LogitsFn
 
 PARTS = ("apgd-ce", "apgd-t", "fab-t", "square")
 
@@ -138,7 +138,7 @@ def apgd_targeted(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key, *, 
                   mask=None) -> AttackResult:
   """APGD-T: ``cfg`` (a targeted APGD) towards each of the ``targets`` classes
   of highest clean logit after the top one, in turn; target k uses
-  fold_in(key, k). Shapes as in :func:`advmaml.attacks.attack`."""
+  fold_in(key, k). Shapes as in :func:`advmaml.adversary.attacks.attack`."""
   logits = logits_fn(lax.stop_gradient(params), x)
   order = target_order(logits, min(targets, logits.shape[-1] - 1))
   run = lambda k, t, m: attacks.attack(cfg, logits_fn, params, x, y, jax.random.fold_in(key, k),
@@ -149,7 +149,7 @@ def apgd_targeted(cfg: AttackConfig, logits_fn: LogitsFn, params, x, y, key, *, 
 
 def fab_targeted(cfg: fab.FabConfig, logits_fn: LogitsFn, params, x, y, key, *, targets: int,
                  mask=None) -> AttackResult:
-  """FAB-T: :func:`advmaml.fab.fab` towards each of the ``targets`` classes of
+  """FAB-T: :func:`advmaml.adversary.fab.fab` towards each of the ``targets`` classes of
   highest clean logit after the top one, in turn; target k uses fold_in(key, k)."""
   logits = logits_fn(lax.stop_gradient(params), x)
   order = target_order(logits, min(targets, logits.shape[-1] - 1))
@@ -164,7 +164,7 @@ def autoattack(cfg: AutoAttackConfig, logits_fn: LogitsFn, params, x, y, key) ->
   fold_in(key, index of the part in PARTS), so a part's key does not depend on
   which others run.
 
-  Args: as :func:`advmaml.attacks.attack` (x (B, H, W, C), y (B,)).
+  Args: as :func:`advmaml.adversary.attacks.attack` (x (B, H, W, C), y (B,)).
   """
   params = lax.stop_gradient(params)
   x = lax.stop_gradient(x)

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from advmaml import sharding
+from advmaml.runtime import sharding
 from advmaml.data.episodes import Episode, sample_episode
 from advmaml.learners.base import FewShotLearner as Learner, adapt_key, query_loss
-from advmaml.meta_step import AUTO_TASK_CHUNK, resolve_task_chunk
-from advmaml.progress import Progress
+from advmaml.train.meta_step import AUTO_TASK_CHUNK, resolve_task_chunk
+from advmaml.io.progress import Progress
 
 # (learner, meta_params, episode, key) -> dict of per-episode scalars.
 EpisodeMetricFn = Callable[[Learner, dict, Episode, jax.Array], dict]

@@ -26,8 +26,8 @@ import os
 import pathlib
 import re
 
-from advmaml import plots
-from advmaml.workdir import METRICS_FILE, read_metrics
+from advmaml.eval import plots
+from advmaml.io.workdir import METRICS_FILE, read_metrics
 
 _ROBUST = re.compile(r"^robust_accuracy@(.+)$")
 

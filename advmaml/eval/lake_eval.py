@@ -19,13 +19,13 @@ import numpy as np
 
 from jax.sharding import Mesh
 
-from advmaml import sharding
+from advmaml.runtime import sharding
 from advmaml.config import ConfigError
 from advmaml.data.episodes import Episode
 from advmaml.data.lake_runs import NUM_CLASSES
-from advmaml.evaluation import clean_accuracy, map_over_devices, mean_and_ci95
-from advmaml.meta_step import AUTO_TASK_CHUNK, resolve_task_chunk
-from advmaml.progress import Progress
+from advmaml.eval.evaluation import clean_accuracy, map_over_devices, mean_and_ci95
+from advmaml.train.meta_step import AUTO_TASK_CHUNK, resolve_task_chunk
+from advmaml.io.progress import Progress
 
 
 def check_model_fits_lake(cfg) -> None:
@@ -77,7 +77,7 @@ def evaluate_lake(learner, meta_params, cfg, runs: Episode, run_names, *, inner_
   runs: Episode of uint8 images with a leading run axis (R, 20, H, W, 1).
   mesh: optional "tasks" mesh (``sharding.make_mesh``) whose devices split the
   runs of each call (build ``learner`` for that many devices); the results do not
-  depend on it. Logs progress lines (``advmaml.progress``) on long runs.
+  depend on it. Logs progress lines (``advmaml.io.progress``) on long runs.
   Returns {"per_run": {run: {metric: error}}, "mean_error": {metric: {mean, ci95, std, n}}}.
   """
   check_model_fits_lake(cfg)

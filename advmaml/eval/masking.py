@@ -40,10 +40,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from advmaml import attacks, robust_eval
-from advmaml.attacks import AttackConfig
+from advmaml.adversary import attacks
+from advmaml.eval import robust_eval
+from advmaml.adversary.attacks import AttackConfig
 from advmaml.learners.base import FewShotLearner as Learner, adapt_key
-from advmaml.square import SquareConfig, square
+from advmaml.adversary.square import SquareConfig, square
 
 CHECKS = ("transfer", "black_box", "large_epsilon", "loss_progress")
 
@@ -116,7 +117,7 @@ def loss_progress(cfg: AttackConfig, logits_fn, params, x, y, key, steps: int
   """(rise, start), each (B,): PGD's objective rise after ``steps`` steps,
   obj(x_k) - obj(x_0), and obj(x_0).
 
-  PGD as :func:`advmaml.attacks.pgd` takes it (random start x_0 from
+  PGD as :func:`advmaml.adversary.attacks.pgd` takes it (random start x_0 from
   ``fold_in(key, 0)``, signed steps on the batch's summed ``cfg.loss``), its
   iterates traced here. x: (B, H, W, C), y: (B,).
   """

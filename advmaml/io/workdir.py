@@ -5,9 +5,9 @@ Layout::
     train.lock             held (fcntl) by the one training process writing here; holds its pid
     config.json            resolved config of the run (atomic rewrite)
     metrics.jsonl          one JSON object per logged step (appended)
-    tensorboard/           the same metrics as TensorBoard scalars (advmaml.tensorboard_scalars)
+    tensorboard/           the same metrics as TensorBoard scalars (advmaml.io.tensorboard_scalars)
     tensorboard/evaluation/  the scalars of experiments.evaluate and evaluate_lake, a file each
-    checkpoints/<step>/    see advmaml.checkpoint
+    checkpoints/<step>/    see advmaml.io.checkpoint
 
 A crash (SIGKILL, a full disk) can leave at most the last line of
 ``metrics.jsonl`` half written; `read_metrics` drops such a line with a

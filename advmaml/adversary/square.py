@@ -24,7 +24,7 @@ Batch-coupled models (batch norm over the attacked batch): every query
 evaluates one whole batch, in which each still-robust row carries its own
 proposal; rows accept independently, so the loss a row keeps is the one of
 the batch it was accepted in, while correctness is judged, as everywhere in
-:mod:`advmaml.attacks`, only on the batches actually evaluated (the clean
+:mod:`advmaml.adversary.attacks`, only on the batches actually evaluated (the clean
 batch, the start and every query). Without coupling this is the published
 attack.
 
@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from advmaml.attacks import AttackResult, LogitsFn, check_ball, margin_loss
+from advmaml.adversary.attacks import AttackResult, LogitsFn, check_ball, margin_loss
 
 # Fractions of 10,000 queries after which p halves (Andriushchenko et al. 2020).
 _P_STEPS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)

@@ -10,14 +10,14 @@ Design notes:
 
 * Everything is converted to numpy before pickling (``jax.device_get``)
   because pickles of ``jax.Array`` break across JAX versions.
-* Loading goes through `advmaml.safe_pickle`, which resolves only checking
+* Loading goes through `advmaml.io.safe_pickle`, which resolves only checking
   stand-ins for a few numpy globals and refuses every other global before it
   can be called; the same allowed-types walk checks trees before saving.
 * A step folder appears atomically: files are written and fsynced in a
   ``.tmp-*`` folder that is then renamed to ``<step>``.  Folders are deleted by
   first renaming them to ``.tmp-*`` as well, so a crash never leaves a
   half-deleted step folder.  One writer per checkpoint directory is assumed
-  (training holds a lock on its workdir, `advmaml.workdir.WorkdirLock`).
+  (training holds a lock on its workdir, `advmaml.io.workdir.WorkdirLock`).
 * Reading trusts nothing on disk: a step folder must be a real folder (not a
   symbolic link), ``state.pkl`` and ``metadata.json`` regular files (no FIFO,
   device or link, opened without following links and without blocking), and
@@ -43,7 +43,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from advmaml import safe_pickle
+from advmaml.io import safe_pickle
 
 __all__ = [
     "CheckpointError",

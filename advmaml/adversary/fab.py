@@ -24,7 +24,7 @@ more forward pass per iteration, and the clean batch): every row of such a
 batch is admissible. Without coupling this finds every adversarial point of
 norm <= epsilon that FAB's own test would (those rows are unchanged by the
 projection), and possibly more. The gradient is that of the summed f, as in
-:mod:`advmaml.attacks`; without coupling it is each row's own.
+:mod:`advmaml.adversary.attacks`; without coupling it is each row's own.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from advmaml.attacks import AttackConfig, LogitsFn, check_ball, perturbation_norm, project
+from advmaml.adversary.attacks import AttackConfig, LogitsFn, check_ball, perturbation_norm, project
 
 _BISECTIONS = 50
 _TINY = 1e-12

@@ -1,6 +1,6 @@
 """Restricted unpickling of plain containers and numeric numpy arrays.
 
-Shared by `advmaml.checkpoint` (checkpoints) and `advmaml.data.cache` (the
+Shared by `advmaml.io.checkpoint` (checkpoints) and `advmaml.data.cache` (the
 pickles data sets ship in).  Each caller describes what its files may hold
 with a `Rules` and turns `Refused` into its own error type and message.
 

@@ -1,7 +1,7 @@
 """The meta-training loop: config -> data -> jitted steps, with logging,
 validation, checkpoints and exact resume.
 
-Layout of a workdir: see advmaml.workdir (config.json, metrics.jsonl,
+Layout of a workdir: see advmaml.io.workdir (config.json, metrics.jsonl,
 train.lock, checkpoints/<step>/).
 
 Restarting with the same workdir resumes from the newest good checkpoint and
@@ -26,17 +26,19 @@ import numpy as np
 import optax
 from absl import logging
 
-from advmaml import checkpoint, host, optimizers, sharding
+from advmaml import optimizers
+from advmaml.io import checkpoint
+from advmaml.runtime import host, sharding
 from advmaml.config import Config, ConfigError, validate, validate_against_data, with_legacy_defaults
 from advmaml.data.sources import load_class_splits
-from advmaml.evaluation import evaluate_episodes
+from advmaml.eval.evaluation import evaluate_episodes
 from advmaml.learners import FewShotLearner, make_learner
-from advmaml.meta_step import TrainState, init_train_state, make_train_step
+from advmaml.train.meta_step import TrainState, init_train_state, make_train_step
 from advmaml.models import ModelSpec, make_model
 from advmaml.objectives import get_objective
-from advmaml.progress import format_duration
-from advmaml.tensorboard_scalars import ScalarWriter
-from advmaml.workdir import (METRICS_FILE, WorkdirLock, append_metrics, atomic_write_text,
+from advmaml.io.progress import format_duration
+from advmaml.io.tensorboard_scalars import ScalarWriter
+from advmaml.io.workdir import (METRICS_FILE, WorkdirLock, append_metrics, atomic_write_text,
                              prepare_workdir, truncate_metrics)
 
 # Settings that may change when a run is resumed: they do not change the math
@@ -209,7 +211,7 @@ def train(cfg: Config, workdir: str | os.PathLike, *, trust_unverified: bool = F
   """Meta-trains (or resumes) a run in ``workdir``; returns the last logged metrics.
 
   tensorboard: also write the logged metrics as TensorBoard scalars in
-  ``<workdir>/tensorboard/`` (``advmaml.tensorboard_scalars``).
+  ``<workdir>/tensorboard/`` (``advmaml.io.tensorboard_scalars``).
 
   One process at a time may train in a workdir (`workdir.WorkdirLock`).
   Nothing in the workdir is written before the settings, the data and the

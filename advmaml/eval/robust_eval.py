@@ -3,7 +3,7 @@
 Three threat models (``target``), all at test time against fixed meta-parameters:
 
 * ``"query"`` (evasion): adapt on the clean support set, then attack the query
-  set against the adapted model with :func:`advmaml.attacks.worst_case`.
+  set against the adapted model with :func:`advmaml.adversary.attacks.worst_case`.
 * ``"support"`` (poisoning): perturb the support images *before* adaptation so
   that, after adapting on them, the clean query set is misclassified. The
   gradient is taken through the inner loop (always second order: with
@@ -17,12 +17,12 @@ Batch norm normalises the query batch with its own statistics (transductive),
 so the query attack may, for each query example, perturb the whole batch to
 break that example alone. Besides the attacks on the summed loss, the query
 attack therefore runs, for every query example, the ``per_example`` attacks
-aimed at it (:func:`advmaml.attacks.per_example`; N * Q attacks per episode
+aimed at it (:func:`advmaml.adversary.attacks.per_example`; N * Q attacks per episode
 and config). Both numbers are reported: ``summed_robust_accuracy@<eps>``
 (summed-loss attacks only) and ``robust_accuracy@<eps>`` (those and the
 aimed ones). Without ``per_example`` attacks only the latter is written.
 
-Robust accuracy follows :mod:`advmaml.attacks`: a query example is correct only
+Robust accuracy follows :mod:`advmaml.adversary.attacks`: a query example is correct only
 if it was classified correctly at *every* batch an attack evaluated, including
 the clean one. It is ANDed once more with clean correctness, so robust <= clean
 holds per episode by construction, and for ``"both"`` the result is at most
@@ -44,9 +44,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from advmaml import attacks
-from advmaml.attacks import AttackConfig
-from advmaml.autoattack import PARTS as AUTOATTACK_PARTS, AutoAttackConfig, autoattack
+from advmaml.adversary import attacks
+from advmaml.adversary.attacks import AttackConfig
+from advmaml.adversary.autoattack import PARTS as AUTOATTACK_PARTS, AutoAttackConfig, autoattack
 from advmaml.data.episodes import Episode
 from advmaml.learners.base import FewShotLearner as Learner, adapt_key
 
@@ -72,7 +72,7 @@ def attack_config(name: str, epsilon: float, *, n_way: int, norm: str = "linf", 
   pgd: PGD on cross-entropy; margin: PGD on the Carlini-Wagner margin;
   apgd: APGD on DLR (on cross-entropy when n_way < 3, where DLR is undefined);
   fgsm: one step of size epsilon from the clean point; autoattack:
-  :func:`advmaml.autoattack.autoattack` with ``steps`` and ``restarts`` for
+  :func:`advmaml.adversary.autoattack.autoattack` with ``steps`` and ``restarts`` for
   its gradient attacks, up to n_way - 1 targets and ``square_queries``
   (query attacks only). ``relative_step_size`` (step / epsilon) overrides the
   attacks' default PGD/FGSM step size.

@@ -11,12 +11,13 @@ import jax
 from absl import logging
 from jax.sharding import Mesh
 
-from advmaml import checkpoint, sharding
+from advmaml.io import checkpoint
+from advmaml.runtime import sharding
 from advmaml.config import Config, ConfigError, validate_against_data
 from advmaml.data.sources import load_class_splits
-from advmaml.evaluation import evaluate_episodes, evaluation_episode
-from advmaml.training import Experiment, build_experiment, initial_state, state_from_tree
-from advmaml.workdir import atomic_write_text
+from advmaml.eval.evaluation import evaluate_episodes, evaluation_episode
+from advmaml.train.training import Experiment, build_experiment, initial_state, state_from_tree
+from advmaml.io.workdir import atomic_write_text
 
 
 @dataclasses.dataclass(frozen=True)

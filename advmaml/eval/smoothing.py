@@ -36,9 +36,9 @@ from jax import lax
 from jax.scipy.special import betainc
 from jax.scipy.stats import norm
 
-from advmaml.attacks import LogitsFn
+from advmaml.adversary.attacks import LogitsFn
 from advmaml.learners.base import FewShotLearner as Learner, adapt_key
-from advmaml.robust_eval import metric_key
+from advmaml.eval.robust_eval import metric_key
 
 _BISECTION_STEPS = 40   # halvings of [0, 1]: width 2^-40, far below float32's betainc error
 

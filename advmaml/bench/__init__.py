@@ -1,0 +1,1 @@
+"""The benchmark harness (apart from the hot path): workloads, timing, FLOP counts."""

@@ -1,0 +1,1 @@
+"""Meta-training: the jitted meta-train step and the training loop (logging, validation, checkpoints, exact resume)."""
