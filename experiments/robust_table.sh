@@ -1,42 +1,77 @@
 #!/usr/bin/env bash
-# Train and evaluate the robust objectives of the README's results table on
-# Omniglot 5-way 1-shot (vinyals split), one after another.
+# The README's robust Omniglot 5-way 1-shot table (vinyals split, Conv4): train each
+# row for the same number of meta-steps, keep its final checkpoint in results/, and
+# evaluate it there as a reviewer would.
 #
-#   STEPS=3000 DATA_DIR=../shared/data/omniglot bash experiments/robust_table.sh aq rmaml adml
+#   DATA_DIR=../shared/data/omniglot bash experiments/robust_table.sh natural aq rmaml adml
 #
-# Each objective trains in $RUNS/<objective>_5w1s (resuming if it exists), then is
-# evaluated on 600 test episodes, clean and under PGD-20 + margin + APGD (worst case
-# per example; with the default --per_example also those aimed at each query example,
-# summed_robust_accuracy@eps being the summed-loss attacks alone) at L-inf epsilon
-# 0.025, 0.05 and 0.1. Logs, metrics, config, eval JSON
-# and plots are copied to $OUT/omniglot_5w1s_vinyals_<objective>/.
-# TRAIN_FLAGS adds training flags; the README's table was trained before the
-# training attack's default became PGD's last iterate, so reproducing it (or
-# resuming those runs) takes TRAIN_FLAGS=--train_attack_best.
+# Rows (name: objective, batch-norm statistics): natural, aq, rmaml, adml (batch:
+# transductive, MAML's rule) and natural_support, aq_support (support: the support set's
+# statistics normalise the queries too). Each trains $STEPS meta-steps in
+# $RUNS/omniglot_5w1s_<name> (resuming if it exists); config.json, metrics.jsonl,
+# train.log and the final checkpoint go to $OUT/<name>/, and from there:
+#   eval_test_robust.json   600 episodes, L-inf 0.05 and 0.1: PGD-20 (CE), PGD-20 (margin),
+#                           APGD-20 (DLR) on the summed loss, the same aimed at each query
+#                           (--per_example, the default), each query attacked alone
+#                           (--attack_alone), and the masking checks (black box: Square
+#                           with 1000 queries; large epsilon 0.3; loss progress;
+#                           transfer from the natural row)
+#   eval_test_autoattack.json  the same episodes under standard AutoAttack ($AA_FLAGS)
+#   certify_test.json       randomized smoothing, sigma 0.25, L2 radii 0.1, 0.25, 0.5
+#                           (natural and aq rows)
+# STAGES picks what runs (default "train eval autoattack certify").
 set -euo pipefail
-STEPS=${STEPS:-60000}
+STEPS=${STEPS:-3000}
 DATA_DIR=${DATA_DIR:-../shared/data/omniglot}
 RUNS=${RUNS:-runs}
-OUT=${OUT:-results}
+OUT=${OUT:-results/omniglot_5w1s_3k}
 PYTHON=${PYTHON:-python}
-TRAIN_FLAGS=${TRAIN_FLAGS:-}
+STAGES=${STAGES:-train eval autoattack certify}
+AA_FLAGS=${AA_FLAGS:---attack_preset=autoattack}
 if [ "$#" -eq 0 ]; then
-  echo "usage: STEPS=N bash $0 OBJECTIVE [OBJECTIVE...]   (e.g. aq rmaml adml)" >&2
+  echo "usage: bash $0 NAME [NAME...]   (natural aq rmaml adml natural_support aq_support)" >&2
   exit 2
 fi
-for obj in "$@"; do
-  workdir="$RUNS/${obj}_5w1s"
-  out="$OUT/omniglot_5w1s_vinyals_${obj}"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+for name in "$@"; do
+  case "$name" in
+    natural|aq|rmaml|adml) objective=$name; bn=batch ;;
+    natural_support|aq_support) objective=${name%_support}; bn=support ;;
+    *) echo "error: unknown row $name; use natural aq rmaml adml natural_support aq_support" >&2
+       exit 2 ;;
+  esac
+  workdir="$RUNS/omniglot_5w1s_$name"
+  out="$OUT/$name"
   mkdir -p "$out"
-  { time "$PYTHON" -m experiments.train --preset=omniglot_5w1s --objective="$obj" \
-      --workdir="$workdir" --data_dir="$DATA_DIR" --num_steps="$STEPS" \
-      --checkpoint_every=250 --keep_checkpoints=2 --log_every=50 --eval_every=1000 \
-      $TRAIN_FLAGS ; } \
-      >> "$out/train.log" 2>&1
-  { time "$PYTHON" -m experiments.evaluate --workdir="$workdir" --episodes=600 --seed=0 \
-      --output="$workdir/eval_test_robust.json" \
-      --epsilons=0.025,0.05,0.1 --attacks=pgd,margin,apgd --attack_steps=20 ; } \
-      > "$out/evaluate_robust.log" 2>&1
-  cp "$workdir/config.json" "$workdir/metrics.jsonl" "$workdir"/eval_test_robust.json \
-     "$workdir"/*.png "$out/"
+  if has train; then
+    { time "$PYTHON" -m experiments.train --preset=omniglot_5w1s --objective="$objective" \
+        --batch_norm="$bn" --workdir="$workdir" --data_dir="$DATA_DIR" --num_steps="$STEPS" \
+        --checkpoint_every=250 --keep_checkpoints=2 --log_every=50 --eval_every=1000 ; } \
+        >> "$out/train.log" 2>&1
+    cp "$workdir/config.json" "$workdir/metrics.jsonl" "$out/"
+    rm -rf "$out/checkpoints" && mkdir -p "$out/checkpoints"
+    cp -r "$workdir/checkpoints/$STEPS" "$out/checkpoints/"
+  fi
+  common=(--workdir="$out" --data_dir="$DATA_DIR" --episodes=600 --seed=0 --epsilons=0.05,0.1
+          --notensorboard --noplot)
+  transfer=()
+  if [ "$name" != natural ] && [ -d "$OUT/natural/checkpoints" ]; then
+    transfer=(--check_transfer_from="$OUT/natural")
+  fi
+  if has eval; then
+    { time "$PYTHON" -m experiments.evaluate "${common[@]}" --attacks=pgd,margin,apgd \
+        --attack_steps=20 --attack_alone --check_black_box --square_queries=1000 \
+        --check_large_epsilon=0.3 \
+        --check_loss_progress "${transfer[@]}" --output="$out/eval_test_robust.json" ; } \
+        > "$out/evaluate_robust.log" 2>&1
+  fi
+  if has autoattack; then
+    { time "$PYTHON" -m experiments.evaluate "${common[@]}" --attacks=autoattack $AA_FLAGS \
+        --output="$out/eval_test_autoattack.json" ; } > "$out/evaluate_autoattack.log" 2>&1
+  fi
+  if has certify && { [ "$name" = natural ] || [ "$name" = aq ]; }; then
+    { time "$PYTHON" -m experiments.certify --workdir="$out" --data_dir="$DATA_DIR" \
+        --episodes=600 --seed=0 --sigma=0.25 --radii=0.1,0.25,0.5 \
+        --output="$out/certify_test.json" ; } > "$out/certify.log" 2>&1
+  fi
 done
