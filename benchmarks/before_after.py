@@ -44,6 +44,20 @@ def throughput(tree: pathlib.Path, config: str, min_seconds: float,
   return work["throughput_median"], record["machine"]
 
 
+def pytorch_throughput(config: str, min_seconds: float) -> tuple[float, dict]:
+  """The PyTorch baseline (benchmarks/pytorch_maml.py) on the same workload, same timing."""
+  name, _, variant = config.partition("-")
+  with tempfile.TemporaryDirectory() as folder:
+    out = os.path.join(folder, "r.json")
+    subprocess.run([sys.executable, str(HERE / "pytorch_maml.py"), f"--config={name}",
+                    f"--model={variant or 'maxpool'}", "--repeats=1", "--min_steps=1000",
+                    f"--min_seconds={min_seconds}", f"--output={out}"], check=True,
+                   cwd=HERE.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    record = json.loads(pathlib.Path(out).read_text())
+  (work,) = record["workloads"]
+  return work["throughput_median"], record["machine"]
+
+
 def git_head(tree: pathlib.Path) -> str:
   return subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, capture_output=True,
                         text=True, check=True).stdout.strip()
@@ -57,13 +71,15 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--min_seconds", type=float, default=10.0)
   parser.add_argument("--cpu_devices", type=int, default=2, help="simulated CPU devices")
+  parser.add_argument("--pytorch", action="store_true",
+                      help="also run the PyTorch baseline in each round (ratio after / pytorch)")
   parser.add_argument("--output", help="JSON output path (default: print only)")
   args = parser.parse_args()
   before, after = pathlib.Path(args.before).resolve(), HERE.parent
   if not (before / "experiments" / "benchmark.py").exists():
     parser.error(f"--before={args.before} is not an advmaml checkout (no experiments/benchmark.py)")
   names = [n for n in args.configs.split(",") if n]
-  rates = {n: {"before": [], "after": []} for n in names}
+  rates = {n: {"before": [], "after": [], "pytorch": []} for n in names}
   machine = {}
   for r in range(args.rounds):
     for name in names:
@@ -71,20 +87,32 @@ def main() -> None:
         rate, machine[side] = throughput(tree, name, args.min_seconds, args.cpu_devices)
         rates[name][side].append(rate)
       b, a = rates[name]["before"][-1], rates[name]["after"][-1]
-      print(f"round {r + 1} {name:<11} before {b:8.3f}  after {a:8.3f}  ratio {a / b:5.3f}",
-            flush=True)
+      line = f"round {r + 1} {name:<11} before {b:8.3f}  after {a:8.3f}  ratio {a / b:5.3f}"
+      if args.pytorch:
+        rate, machine["pytorch"] = pytorch_throughput(name, args.min_seconds)
+        rates[name]["pytorch"].append(rate)
+        line += f"  pytorch {rate:8.3f}  after/pytorch {a / rate:5.2f}"
+      print(line, flush=True)
   summary = lambda v: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": v}
   results = {}
   for name in names:
     ratios = [a / b for a, b in zip(rates[name]["after"], rates[name]["before"])]
     results[name] = {"before": summary(rates[name]["before"]),
                      "after": summary(rates[name]["after"]), "ratio": summary(ratios)}
-    print(f"{name:<11} ratio after/before median {statistics.median(ratios):.3f} "
-          f"[{min(ratios):.3f}-{max(ratios):.3f}]")
+    line = (f"{name:<11} ratio after/before median {statistics.median(ratios):.3f} "
+            f"[{min(ratios):.3f}-{max(ratios):.3f}]")
+    if args.pytorch:
+      vs = [a / t for a, t in zip(rates[name]["after"], rates[name]["pytorch"])]
+      vs_before = [b / t for b, t in zip(rates[name]["before"], rates[name]["pytorch"])]
+      results[name].update(pytorch=summary(rates[name]["pytorch"]),
+                           after_vs_pytorch=summary(vs), before_vs_pytorch=summary(vs_before))
+      line += (f"  vs pytorch: after {statistics.median(vs):.2f} [{min(vs):.2f}-{max(vs):.2f}]"
+               f", before {statistics.median(vs_before):.2f}")
+    print(line)
   record = {"machine": machine, "workloads": results,
             "commits": {"before": git_head(before), "after": git_head(after)},
             "settings": {"rounds": args.rounds, "min_seconds": args.min_seconds,
-                         "cpu_devices": args.cpu_devices}}
+                         "cpu_devices": args.cpu_devices, "pytorch": args.pytorch}}
   if args.output:
     path = pathlib.Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)

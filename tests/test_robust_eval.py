@@ -185,6 +185,28 @@ def test_per_example_attacks_only_lower_robust_accuracy(trained):
                                per_example=("margin",))
 
 
+def test_alone_threat_model_in_the_evaluation(trained):
+  """--attack_alone: each query attacked with the others clean; alone <= clean per episode,
+  the joint numbers unchanged by it, 0 at epsilon 1 (the mlp's batch norm couples the
+  queries, so alone and joint differ in general); refused for support attacks."""
+  epsilons = (0.1, 1.0)
+  make = functools.partial(robust_eval.make_metric_fn, ("pgd", "margin"), epsilons,
+                           n_way=N_WAY, steps=3)
+  alone = functools.partial(robust_eval.metric_key, prefix="alone_robust_accuracy")
+  fns = (("joint/", make()), ("alone/", make(alone=True)))
+  checks = tuple((f"alone/{alone(e)}", "alone/clean_accuracy") for e in epsilons)
+  results = evaluate(trained, functools.partial(with_checks, fns=fns, checks=checks),
+                     num_episodes=8)
+  assert_no_violations(results)
+  for e in epsilons:
+    key = robust_eval.metric_key(e)
+    assert results["alone/" + key] == results["joint/" + key]
+  assert results["alone/" + alone(1.0)]["mean"] == 0.0
+  assert results["alone/" + alone(0.1)]["mean"] < results["alone/clean_accuracy"]["mean"]
+  with pytest.raises(ValueError, match="one query"):
+    robust_eval.make_metric_fn(("pgd",), (0.1,), n_way=5, target="both", alone=True)
+
+
 def test_autoattack_metrics_fall_over_its_parts(trained):
   """On the batch-norm MLP: AutoAttack's robust accuracy after each part never
   rises, ends at robust_accuracy (no other attack listed), stays below clean,

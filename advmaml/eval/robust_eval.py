@@ -351,6 +351,8 @@ def make_metric_fn(attack_names: Sequence[str], epsilons: Sequence[float], *, n_
     raise ValueError("autoattack attacks the query set; use target 'query'")
   if "autoattack" in per_example:
     raise ValueError("autoattack cannot be aimed at one example; per_example takes gradient attacks")
+  if alone and target != "query":
+    raise ValueError("alone attacks one query at a time; use target 'query'")
   return _cached_metric_fn(tuple(attack_names), tuple(float(e) for e in epsilons), n_way,
                            norm, steps, restarts, relative_step_size, target,
                            tuple(per_example), int(per_example_chunk), int(square_queries),
