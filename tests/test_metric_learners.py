@@ -230,7 +230,7 @@ def test_from_config_reads_n_way_batch_norm_and_phase():
     assert (learner.n_way, learner.batch_norm) == (7, "support")
     hash(learner)   # a static jit argument
     with pytest.raises(ValueError, match="phase"):
-      module.from_config(cfg, model, phase="test")
+      module.from_config(cfg, model, phase="eval")
   assert metaoptnet.from_config(cfg, model, phase="test").iterations == metaoptnet.EVAL_ITERATIONS
   assert metaoptnet.from_config(cfg, model).iterations == metaoptnet.TRAIN_ITERATIONS
 

@@ -17,6 +17,8 @@ on the other queries. The task state carries the params the queries use.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -37,6 +39,22 @@ def check_settings(model: ModelSpec, n_way: int, batch_norm: str) -> None:
     raise ValueError(f"batch_norm={batch_norm!r}; choose one of {BATCH_NORMS}")
   if batch_norm == "support" and model.freeze_batch_stats is None:
     raise ValueError("batch_norm='support' needs ModelSpec.freeze_batch_stats")
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingLearner:
+  """The fields and checks ProtoNet, R2-D2 and MetaOptNet-SVM share (each adds its head's).
+
+  model: from ``advmaml.models.make_model`` (its head is not used). n_way: classes
+  per task. batch_norm: "batch" or "support" (see the module docstring).
+  Hashable (frozen), so a learner can be a static jit argument.
+  """
+  model: ModelSpec
+  n_way: int
+  batch_norm: str = "batch"
+
+  def __post_init__(self):
+    check_settings(self.model, self.n_way, self.batch_norm)
 
 
 def check_phase(phase: str) -> None:

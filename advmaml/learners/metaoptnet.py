@@ -37,15 +37,8 @@ def svm_weights(features: jax.Array, labels: jax.Array, n_way: int, *, C: float,
 
 
 @dataclasses.dataclass(frozen=True)
-class MetaOptNetSVM:
-  """MetaOptNet-SVM on a backbone; hashable, so it can be a static jit argument.
-
-  model: from ``advmaml.models.make_model`` (its head is not used). n_way: classes
-  per task. batch_norm: "batch" or "support" (``learners/embedding.py``).
-  """
-  model: ModelSpec
-  n_way: int
-  batch_norm: str = "batch"
+class MetaOptNetSVM(embedding.EmbeddingLearner):
+  """MetaOptNet-SVM on a backbone (model, n_way, batch_norm: ``embedding.EmbeddingLearner``)."""
   C: float = 0.1                 # the SVM's cost (MetaOptNet's C_reg)
   dual_ridge: float = 1.0        # r in K + r I (MetaOptNet's added identity)
   iterations: int = 50           # ADMM iterations, forward and implicit backward
@@ -54,7 +47,7 @@ class MetaOptNetSVM:
   learn_scale: bool = True
 
   def __post_init__(self):
-    embedding.check_settings(self.model, self.n_way, self.batch_norm)
+    super().__post_init__()
     embedding.log_init(self.init_scale)
     if not (self.C > 0 and self.dual_ridge > 0):
       raise ValueError(f"C={self.C} and dual_ridge={self.dual_ridge} must be positive")

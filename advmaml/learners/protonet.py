@@ -59,21 +59,14 @@ def distance_logits(queries: jax.Array, centres: jax.Array, scale: jax.Array | f
 
 
 @dataclasses.dataclass(frozen=True)
-class ProtoNet:
-  """ProtoNet on a backbone; hashable, so it can be a static jit argument.
-
-  model: from ``advmaml.models.make_model`` (its head is not used). n_way: classes
-  per task. batch_norm: "batch" or "support" (``learners/embedding.py``).
-  """
-  model: ModelSpec
-  n_way: int
-  batch_norm: str = "batch"
+class ProtoNet(embedding.EmbeddingLearner):
+  """ProtoNet on a backbone (model, n_way, batch_norm: ``embedding.EmbeddingLearner``)."""
   learn_scale: bool = False      # meta-learn the logit scale s (MetaOptNet: yes; Snell et al.: no)
   init_scale: float = 1.0        # s, or its initial value when learned
   normalize: bool = False        # divide distances by D (MetaOptNet's ProtoNet head)
 
   def __post_init__(self):
-    embedding.check_settings(self.model, self.n_way, self.batch_norm)
+    super().__post_init__()
     embedding.log_init(self.init_scale)   # refuses a non-positive scale
 
   def init(self, key: jax.Array) -> dict:

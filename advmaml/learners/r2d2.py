@@ -59,22 +59,15 @@ def ridge_weights_primal(features: jax.Array, targets: jax.Array, lam: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class R2D2:
-  """R2-D2 on a backbone; hashable, so it can be a static jit argument.
-
-  model: from ``advmaml.models.make_model`` (its head is not used). n_way: classes
-  per task. batch_norm: "batch" or "support" (``learners/embedding.py``).
-  """
-  model: ModelSpec
-  n_way: int
-  batch_norm: str = "batch"
+class R2D2(embedding.EmbeddingLearner):
+  """R2-D2 on a backbone (model, n_way, batch_norm: ``embedding.EmbeddingLearner``)."""
   init_lambda: float = 1.0       # Bertinetto et al.'s initial regulariser
   learn_lambda: bool = True
   init_scale: float = 10.0       # alpha: one-hot regression outputs are O(1), softmax wants O(10)
   ridge_bias: bool = True        # append a constant feature (a per-class intercept)
 
   def __post_init__(self):
-    embedding.check_settings(self.model, self.n_way, self.batch_norm)
+    super().__post_init__()
     embedding.log_init(self.init_lambda)
     embedding.log_init(self.init_scale)
 
