@@ -21,10 +21,12 @@ from advmaml.models import make_model
 from advmaml.train.training import build_experiment
 
 N_WAY, SIZE = 3, 16
-# The Conv4s. ResNet-12's forms of the two tests below took 140-190 s each on 2 cores
-# (16 convolutions through jax.hessian and second-order MAML); its own, cheaper checks
-# are in tests/test_backbones.py.
-VARIANTS = ("conv4", "conv4_maxpool")
+# Every registered model. ResNet-12's forms of the two tests below take 140-190 s each
+# on 2 cores (16 convolutions through jax.hessian and second-order MAML), so they are
+# marked slow: `pytest -m slow tests/test_kernels.py` runs them (the default run, and
+# CI, skip them; its cheaper checks in tests/test_backbones.py always run).
+VARIANTS = ("conv4", "conv4_maxpool", pytest.param("resnet12", marks=pytest.mark.slow))
+WIDTH = {"conv4": 3, "conv4_maxpool": 3, "resnet12": 1}       # filters in the float64 test
 BATCH_NORMS = ("batch", "support")
 
 
@@ -47,7 +49,8 @@ def test_every_transformation_of_the_reference_kernels(x64, variant, batch_norm)
   """grad, grad of grad, jvp, jacfwd, hessian, linearize and the forward-over-reverse HVP
   of the loss along three parameter directions, and vmap of each over points, agree with
   finite differences and with one another (float64); so does forward mode in the images."""
-  model = make_model(N_WAY, (SIZE, SIZE, 1), filters=3, model=variant, kernels="reference")
+  model = make_model(N_WAY, (SIZE, SIZE, 1), filters=WIDTH[variant], model=variant,
+                     kernels="reference")
   to64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
   params = to64(model.init(jax.random.key(0)))
   sx, _ = tiny_images(jax.random.key(1), 3)
@@ -122,7 +125,8 @@ def test_cpu_kernels_match_reference_to_second_order(variant):
   assert "scan" in str(chunked)
   outputs = []
   for kernels in (forced, "reference"):
-    model = make_model(N_WAY, (SIZE, SIZE, 1), filters=12, model=variant, kernels=kernels)
+    model = make_model(N_WAY, (SIZE, SIZE, 1), filters=12 if variant != "resnet12" else 4,
+                       model=variant, kernels=kernels)
     learners = [Learner(model.apply, inner_steps=2, inner_lr=0.4,
                         freeze_stats=model.freeze_batch_stats if bn == "support" else None)
                 for bn in BATCH_NORMS]
@@ -141,7 +145,14 @@ def test_cpu_kernels_match_reference_to_second_order(variant):
     outputs.append(jax.device_get(jax.jit(both)(meta)))
   for bn, ((_, cpu_logits), cpu_grads), ((_, ref_logits), ref_grads) in zip(BATCH_NORMS, *outputs):
     np.testing.assert_allclose(cpu_logits, ref_logits, rtol=1e-4, atol=1e-5, err_msg=bn)
-    chex.assert_trees_all_close(cpu_grads, ref_grads, rtol=2e-3, atol=2e-5)
+    if variant != "resnet12":
+      chex.assert_trees_all_close(cpu_grads, ref_grads, rtol=2e-3, atol=2e-5)
+      continue
+    # A 4-4-10-20 ResNet-12 on 16x16 images is ill-conditioned (its last batch norms see
+    # few values; float32 summation order moves its gradients by ~0.4%,
+    # tests/test_backbones.py): each leaf to 1% of its largest entry.
+    for a, r in zip(jax.tree.leaves(cpu_grads), jax.tree.leaves(ref_grads)):
+      assert np.abs(a - r).max() <= 1e-2 * np.abs(r).max(), bn
 
 
 @pytest.mark.parametrize("kernels", ["cpu", "reference"])
