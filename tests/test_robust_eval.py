@@ -132,11 +132,14 @@ def test_query_attack_is_below_clean_monotone_in_steps_and_zero_at_full_radius(t
 
 
 def test_support_poisoning_and_both_are_bounded_by_their_components(trained):
-  """Support poisoning hurts, even against FOMAML, whose adapt() hides
-  d(adapted)/d(support): the attacker must differentiate through the inner loop.
-  No random start, so any change to the support set comes from that gradient."""
+  """Support poisoning hurts: the attacker differentiates through the inner loop. A
+  FOMAML run's train-phase adapt() hides d(adapted)/d(support), so evaluation takes the
+  test phase, which is second order for every MAML variant (learners.maml.from_config;
+  tests/test_learner_protocol.py). No random start, so any change to the support set
+  comes from that gradient."""
   learner, meta, pool = trained
-  fomaml = (Learner(mlp_apply, inner_steps=1, inner_lr=0.4, first_order=True), meta, pool)
+  train_phase = Learner(mlp_apply, inner_steps=1, inner_lr=0.4, first_order=True)
+  fomaml = (dataclasses.replace(train_phase, first_order=False), meta, pool)
   eps = 0.2
   cfg = dataclasses.replace(robust_eval.attack_config("pgd", eps, n_way=N_WAY, steps=4),
                             random_start=False)

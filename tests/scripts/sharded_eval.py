@@ -16,21 +16,21 @@ from advmaml.train.training import build_experiment
 cfg = preset("tiny", n_way=3, k_shot=1, q_query=2, filters=8)
 # The CPU kernels sized for one device's share of the cores, for each layout.
 exps = {n: build_experiment(cfg, (16, 16, 1), n) for n in (1, 4)}
-meta = exps[1].learner.init_meta_params(exps[1].model.init(jax.random.key(0)))
+meta = exps[1].learner.init(jax.random.key(0))   # tiny: 2 inner steps at test
 pool = np.random.default_rng(0).integers(0, 256, (12, 20, 16, 16), dtype=np.uint8)
-metric = robust_eval.make_metric_fn(["pgd"], [0.05], n_way=3, inner_steps=2, steps=3)
+metric = robust_eval.make_metric_fn(["pgd"], [0.05], n_way=3, steps=3)
 
-kw = dict(num_episodes=10, n_way=3, k_shot=1, q_query=2, inner_steps=2, batch_tasks=6,
+kw = dict(num_episodes=10, n_way=3, k_shot=1, q_query=2, batch_tasks=6,
           metric_fn=metric)
 summary = {}
 for n in (1, 4):
-  summary[n] = evaluate_episodes(exps[n].learner, meta, pool, jax.random.key(3), **kw,
+  summary[n] = evaluate_episodes(exps[n].test_learner, meta, pool, jax.random.key(3), **kw,
                                  mesh=sharding.make_mesh(n) if n > 1 else None)
 per_episode, devices_used = {}, {}
 for n in (1, 4):
   mesh = sharding.make_mesh(n)
   out = _evaluate_batch(sharding.replicate(meta, mesh), sharding.replicate(pool, mesh),
-                        jax.random.key(3), 0, learner=exps[n].learner, metric_fn=metric, n_way=3,
+                        jax.random.key(3), 0, learner=exps[n].test_learner, metric_fn=metric, n_way=3,
                         k_shot=1, q_query=2, batch_tasks=8, mesh=mesh)
   devices_used[n] = len(out["clean_accuracy"].sharding.device_set)
   per_episode[n] = jax.device_get(out)
