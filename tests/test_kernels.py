@@ -26,7 +26,7 @@ N_WAY, SIZE = 3, 16
 # marked slow: `pytest -m slow tests/test_kernels.py` runs them (the default run, and
 # CI, skip them; its cheaper checks in tests/test_backbones.py always run).
 VARIANTS = ("conv4", "conv4_maxpool", pytest.param("resnet12", marks=pytest.mark.slow))
-WIDTH = {"conv4": 3, "conv4_maxpool": 3, "resnet12": 1}       # filters in the float64 test
+WIDTH = {"conv4": 3, "conv4_maxpool": 3, "resnet12": 2}       # filters in the float64 test
 BATCH_NORMS = ("batch", "support")
 
 
@@ -127,7 +127,9 @@ def test_cpu_kernels_match_reference_to_second_order(variant):
   for kernels in (forced, "reference"):
     model = make_model(N_WAY, (SIZE, SIZE, 1), filters=12 if variant != "resnet12" else 4,
                        model=variant, kernels=kernels)
-    learners = [Learner(model.apply, inner_steps=2, inner_lr=0.4,
+    # ResNet-12's logits are ~20x larger: lr 0.4 turns float32 rounding into chaos there.
+    lr = 0.4 if variant != "resnet12" else 0.02
+    learners = [Learner(model.apply, inner_steps=2, inner_lr=lr,
                         freeze_stats=model.freeze_batch_stats if bn == "support" else None)
                 for bn in BATCH_NORMS]
     if not outputs:  # the same initial parameters for both kernel sets

@@ -138,6 +138,21 @@ def test_default_inner_loop_is_plain_sgd_written_by_hand():
   chex.assert_trees_all_close(learner.adapt(meta, x, y, None), p, rtol=1e-6, atol=1e-6)
 
 
+def test_closed_form_sgd_and_meta_sgd_equal_their_optax_transforms():
+  """The default inner step p - lr * g (and Meta-SGD's p - rates * g) is optax.sgd's
+  (learned_rates') update, which MAML applies in closed form for speed."""
+  apply, meta, x, y = _linear_task(3)
+  closed = MAML(apply, inner_steps=3, inner_lr=0.3).adapt(meta, x, y, None)
+  via_optax = MAML(apply, inner_steps=3, inner_lr=0.3, inner_optimizer=optax.sgd(0.3))
+  chex.assert_trees_all_close(via_optax.adapt(meta, x, y, None), closed, rtol=1e-6, atol=1e-7)
+  rates = jax.tree.map(lambda p: jnp.full_like(p, 0.3), meta["model"])
+  via_rates = MAML(apply, inner_steps=3, inner_optimizer=learners.maml.learned_rates(rates))
+  chex.assert_trees_all_close(via_rates.adapt(meta, x, y, None), closed, rtol=1e-6, atol=1e-7)
+  meta_sgd = MAML(apply, inner_steps=3, inner_lr=0.3, meta_sgd=True)
+  chex.assert_trees_all_close(meta_sgd.adapt(meta_sgd.init_meta_params(meta["model"]), x, y, None),
+                              closed, rtol=1e-6, atol=1e-7)
+
+
 def test_inner_optimizer_by_name_and_as_a_transform_agree_with_heavy_ball_by_hand():
   apply, meta, x, y = _linear_task(1)
   by_name = MAML(apply, inner_steps=3, inner_lr=0.2, inner_optimizer="momentum")

@@ -80,7 +80,7 @@ class MAML:
     params = meta_params["model"]
     adapted = self._adapted(params)
     frozen = {k: v for k, v in params.items() if k not in adapted}
-    tx = self._inner_transform(meta_params)
+    tx, rates = self._inner_update(meta_params, adapted)
 
     def support_loss(fast):
       return cross_entropy(self.apply_fn({**frozen, **fast}, support_x), support_y)[0]
@@ -90,13 +90,16 @@ class MAML:
       grads = jax.grad(support_loss)(fast)
       if self.first_order:
         grads = lax.stop_gradient(grads)
+      if tx is None:   # plain SGD or Meta-SGD, in closed form (see _inner_update)
+        return (jax.tree.map(lambda p, g, lr: p - lr * g, fast, grads, rates), opt_state), None
       updates, opt_state = tx.update(grads, opt_state, fast)
       return (optax.apply_updates(fast, updates), opt_state), None
 
     # With remat, second-order memory stays flat in the number of inner steps
     # (only each step's fast weights are kept) at the cost of a second forward.
     body = jax.checkpoint(inner_step) if self.remat else inner_step
-    (adapted, _), _ = lax.scan(body, (adapted, tx.init(adapted)), None, length=self.inner_steps)
+    opt_state = optax.EmptyState() if tx is None else tx.init(adapted)
+    (adapted, _), _ = lax.scan(body, (adapted, opt_state), None, length=self.inner_steps)
     fast = {**frozen, **adapted}
     # The one place the batch-norm rule enters: every use of the adapted params
     # (query loss, attacks on the queries, evaluation) sees the support's statistics.
@@ -118,12 +121,22 @@ class MAML:
           lambda p: jnp.full_like(p, self.inner_lr), self._adapted(model_params))
     return meta
 
-  def _inner_transform(self, meta_params: dict) -> optax.GradientTransformation:
+  def _inner_update(self, meta_params: dict, adapted: Params):
+    """(transform, None) for an optax inner optimizer, or (None, rates) for plain SGD
+    (rates: inner_lr per leaf) and Meta-SGD (rates: the learned ones).
+
+    Those two are the transforms ``optax.sgd(inner_lr)`` and ``learned_rates(rates)``
+    (the same numbers, tests/test_learner_protocol.py) applied in closed form as
+    p - lr * g: optax's p + (-lr * g) compiles to another program that ran 3-5%
+    slower on the B1/B3-strided benchmarks (results/benchmarks/before-after-epyc.json).
+    """
     if "inner_lr" in meta_params:   # Meta-SGD: the rates are meta-parameters
-      return learned_rates(meta_params["inner_lr"])
+      return None, meta_params["inner_lr"]
+    if self.inner_optimizer == "sgd":
+      return None, jax.tree.map(lambda p: self.inner_lr, adapted)
     if isinstance(self.inner_optimizer, str):
-      return optimizers.inner_optimizer(self.inner_optimizer, self.inner_lr)
-    return self.inner_optimizer
+      return optimizers.inner_optimizer(self.inner_optimizer, self.inner_lr), None
+    return self.inner_optimizer, None
 
   def _adapted(self, params: Params) -> Params:
     """The part of the network the inner loop changes."""
