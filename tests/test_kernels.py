@@ -58,9 +58,24 @@ def test_every_transformation_of_the_reference_kernels(x64, variant, batch_norm)
   sx, qx = to64(sx), to64(qx)
   flat, unravel = ravel_pytree(params)
   directions = jax.random.normal(jax.random.key(3), (3, flat.size), jnp.float64) * 0.1
-  logits = lambda p, qx: query_logits(model, batch_norm, p, sx, qx)
-  g = lambda t: cross_entropy(logits(unravel(flat + t @ directions), qx), qy)[0]
   v = jnp.array([0.3, -1.0, 0.7])
+
+  # Every array is an argument of the jitted function, none a captured constant: XLA's
+  # constant folding of a ResNet-12 program with captured images gave logits wrong by
+  # O(1) (XLA:CPU, jax 0.10.2; the same program with the arrays as arguments is right).
+  @jax.jit
+  def run(flat, directions, params, sx, qx, qy):
+    logits = lambda p, qx: query_logits(model, batch_norm, p, sx, qx)
+    g = lambda t: cross_entropy(logits(unravel(flat + t @ directions), qx), qy)[0]
+    return evaluate_transforms(g, lambda x: logits(params, x), qx, v)
+
+  single, batched, fd_grad, images = jax.device_get(run(flat, directions, params, sx, qx, qy))
+  check_transforms(single, batched, fd_grad, images, v)
+
+
+def evaluate_transforms(g, f, qx, v):
+  """The transforms of g: R^3 -> R at t0, t1 and t0 +- eps e_i, central differences, and
+  forward against reverse mode of f in the images (see the test's docstring)."""
   transforms = {
       "grad": jax.grad(g),
       "jacfwd": jax.jacfwd(g),
@@ -70,27 +85,27 @@ def test_every_transformation_of_the_reference_kernels(x64, variant, batch_norm)
       "grad_of_grad": jax.jacrev(jax.grad(g)),
       "hvp_forward_over_reverse": lambda t: jax.jvp(jax.grad(g), (t,), (v,))[1],
   }
-  eps = 1e-5
   t0, t1 = jnp.zeros(3), jnp.array([0.5, -0.2, 0.1])
-  steps = eps * jnp.eye(3)
+  steps = EPS * jnp.eye(3)
   # The vmapped transforms run at t0, t1 and t0 +- eps e_i (their grads: the Hessian's differences).
   points = jnp.concatenate([jnp.stack([t0, t1]), t0 + steps, t0 - steps])
+  single = {name: fn(t0) for name, fn in transforms.items()}
+  batched = {name: jax.vmap(fn)(points) for name, fn in transforms.items()}
+  # Central differences of g at t0 and t1 along each e_i.
+  shifted = jnp.concatenate([t + s for t in (t0, t1) for s in (steps, -steps)])
+  values = jax.vmap(g)(shifted).reshape(2, 2, 3)
+  # Forward mode in the images against reverse mode: <u, J w> and <J^T u, w>.
+  w = jax.random.normal(jax.random.key(4), qx.shape)
+  u = jax.random.normal(jax.random.key(5), (6, N_WAY))
+  images = (jnp.vdot(u, jax.jvp(f, (qx,), (w,))[1]), jnp.vdot(jax.vjp(f, qx)[1](u)[0], w))
+  return single, batched, (values[:, 0] - values[:, 1]) / (2 * EPS), images
 
-  @jax.jit
-  def run():
-    single = {name: f(t0) for name, f in transforms.items()}
-    batched = {name: jax.vmap(f)(points) for name, f in transforms.items()}
-    # Central differences of g at t0 and t1 along each e_i.
-    shifted = jnp.concatenate([t + s for t in (t0, t1) for s in (steps, -steps)])
-    values = jax.vmap(g)(shifted).reshape(2, 2, 3)
-    # Forward mode in the images against reverse mode: <u, J w> and <J^T u, w>.
-    f = lambda x: logits(params, x)
-    w = jax.random.normal(jax.random.key(4), qx.shape)
-    u = jax.random.normal(jax.random.key(5), (6, N_WAY))
-    images = (jnp.vdot(u, jax.jvp(f, (qx,), (w,))[1]), jnp.vdot(jax.vjp(f, qx)[1](u)[0], w))
-    return single, batched, (values[:, 0] - values[:, 1]) / (2 * eps), images
 
-  single, batched, fd_grad, images = jax.device_get(run())
+EPS = 1e-5
+
+
+def check_transforms(single, batched, fd_grad, images, v):
+  transforms = single
   np.testing.assert_allclose(*images, rtol=1e-9)
   tol = dict(rtol=1e-6, atol=1e-9)
   for name in transforms:  # vmap of each: the batch's first point is the unbatched value
@@ -105,7 +120,7 @@ def test_every_transformation_of_the_reference_kernels(x64, variant, batch_norm)
     np.testing.assert_allclose(batched["grad_of_grad"][at], hess, **tol)
     np.testing.assert_allclose(hess, hess.T, **tol)
     np.testing.assert_allclose(batched["hvp_forward_over_reverse"][at], hess @ v, **tol)
-  fd_hessian = (batched["grad"][2:5] - batched["grad"][5:8]) / (2 * eps)  # row i: d grad / d t_i
+  fd_hessian = (batched["grad"][2:5] - batched["grad"][5:8]) / (2 * EPS)  # row i: d grad / d t_i
   np.testing.assert_allclose(single["hessian"], fd_hessian, rtol=1e-4, atol=1e-7)
   assert np.abs(single["hessian"]).max() > 1e-3  # curvature there to be checked
 
@@ -127,24 +142,23 @@ def test_cpu_kernels_match_reference_to_second_order(variant):
   for kernels in (forced, "reference"):
     model = make_model(N_WAY, (SIZE, SIZE, 1), filters=12 if variant != "resnet12" else 4,
                        model=variant, kernels=kernels)
-    # ResNet-12's logits are ~20x larger: lr 0.4 turns float32 rounding into chaos there.
-    lr = 0.4 if variant != "resnet12" else 0.02
-    learners = [Learner(model.apply, inner_steps=2, inner_lr=lr,
+    learners = [Learner(model.apply, inner_steps=2, inner_lr=0.4,
                         freeze_stats=model.freeze_batch_stats if bn == "support" else None)
                 for bn in BATCH_NORMS]
     if not outputs:  # the same initial parameters for both kernel sets
       meta = learners[0].init_meta_params(model.init(jax.random.key(1)))
 
-    def meta_loss(m, learner):  # -> (mean query loss, query logits (2, 6, N))
+    def meta_loss(m, tasks_x, learner):  # -> (mean query loss, query logits (2, 6, N))
       def task(x):
         logits = learner.apply_fn(learner.adapt(m, x[:6], y), x[6:])
         return cross_entropy(logits, y[::-1])[0], logits
       losses, logits = jax.vmap(task)(tasks_x)
       return losses.mean(), logits
 
-    both = lambda m, learners=learners: [jax.value_and_grad(meta_loss, has_aux=True)(m, learner)
-                                         for learner in learners]
-    outputs.append(jax.device_get(jax.jit(both)(meta)))
+    # The images are an argument, not a captured constant (see the test above).
+    both = lambda m, tasks_x, learners=learners: [
+        jax.value_and_grad(meta_loss, has_aux=True)(m, tasks_x, learner) for learner in learners]
+    outputs.append(jax.device_get(jax.jit(both)(meta, tasks_x)))
   for bn, ((_, cpu_logits), cpu_grads), ((_, ref_logits), ref_grads) in zip(BATCH_NORMS, *outputs):
     np.testing.assert_allclose(cpu_logits, ref_logits, rtol=1e-4, atol=1e-5, err_msg=bn)
     if variant != "resnet12":
