@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Callable
 
 from advmaml.learners import maml, metaoptnet, protonet, r2d2
-from advmaml.learners.base import (FewShotLearner, adapt_key, cross_entropy, initial_state,
-                                   query_loss)
+from advmaml.learners.base import (PHASES, FewShotLearner, adapt_key, check_phase,
+                                   cross_entropy, initial_state, query_loss)
 from advmaml.learners.maml import MAML
 
 LearnerFactory = Callable[..., FewShotLearner]
@@ -25,8 +25,6 @@ LEARNERS: dict[str, LearnerFactory] = {
     "r2d2": r2d2.from_config,               # Bertinetto et al. 2019
     "metaoptnet": metaoptnet.from_config,   # Lee et al. 2019, the SVM head
 }
-
-PHASES = ("train", "test")
 
 
 def register(name: str, factory: LearnerFactory) -> None:
@@ -40,10 +38,9 @@ def make_learner(cfg, model, *, phase: str = "train") -> FewShotLearner:
   """The learner ``cfg.learner`` on ``model`` for ``phase`` ("train" or "test")."""
   if cfg.learner not in LEARNERS:
     raise ValueError(f"--learner={cfg.learner!r}; choose one of {sorted(LEARNERS)}")
-  if phase not in PHASES:
-    raise ValueError(f"phase={phase!r}; one of {PHASES}")
+  check_phase(phase)
   return LEARNERS[cfg.learner](cfg, model, phase=phase)
 
 
-__all__ = ["FewShotLearner", "LEARNERS", "MAML", "adapt_key", "cross_entropy", "initial_state",
+__all__ = ["FewShotLearner", "LEARNERS", "MAML", "PHASES", "adapt_key", "cross_entropy", "initial_state",
            "make_learner", "query_loss", "register"]

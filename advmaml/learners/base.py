@@ -27,6 +27,15 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import optax
 
+PHASES = ("train", "test")   # what a learner factory builds: the meta-train step's, or evaluation's
+
+
+def check_phase(phase: str) -> None:
+  """ValueError unless ``phase`` is one of PHASES."""
+  if phase not in PHASES:
+    raise ValueError(f"phase={phase!r}; choose one of {PHASES}")
+
+
 MetaParams = Any   # a pytree
 TaskState = Any    # a pytree
 

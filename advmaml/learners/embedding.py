@@ -25,7 +25,6 @@ import jax.numpy as jnp
 from advmaml.models import HEAD, ModelSpec
 
 BATCH_NORMS = ("batch", "support")
-PHASES = ("train", "test")   # as advmaml.learners.PHASES
 
 
 def check_settings(model: ModelSpec, n_way: int, batch_norm: str) -> None:
@@ -55,11 +54,6 @@ class EmbeddingLearner:
 
   def __post_init__(self):
     check_settings(self.model, self.n_way, self.batch_norm)
-
-
-def check_phase(phase: str) -> None:
-  if phase not in PHASES:
-    raise ValueError(f"phase={phase!r}; choose one of {PHASES}")
 
 
 def backbone_params(model: ModelSpec, key: jax.Array) -> dict:

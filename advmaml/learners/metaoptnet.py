@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from advmaml.learners import embedding, qp
+from advmaml.learners.base import check_phase
 from advmaml.models import ModelSpec
 
 
@@ -95,6 +96,6 @@ def from_config(cfg, model: ModelSpec, *, phase: str = "train") -> MetaOptNetSVM
   has fields for them (``svm_c``, ``svm_dual_ridge``, ``svm_iterations``,
   ``svm_eval_iterations``).
   """
-  embedding.check_phase(phase)
+  check_phase(phase)
   iterations = TRAIN_ITERATIONS if phase == "train" else EVAL_ITERATIONS
   return MetaOptNetSVM(model, cfg.n_way, batch_norm=cfg.batch_norm, iterations=iterations)

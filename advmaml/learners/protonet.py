@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from advmaml.learners import embedding
+from advmaml.learners.base import check_phase
 from advmaml.models import ModelSpec
 
 
@@ -104,5 +105,5 @@ def from_config(cfg, model: ModelSpec, *, phase: str = "train") -> ProtoNet:
   learn_scale, init_scale and normalize keep their defaults until the config has
   fields for them (``protonet_learn_scale``, ``head_init_scale``, ``protonet_normalize``).
   """
-  embedding.check_phase(phase)
+  check_phase(phase)
   return ProtoNet(model, cfg.n_way, batch_norm=cfg.batch_norm)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 
 from advmaml.learners import embedding
+from advmaml.learners.base import check_phase
 from advmaml.models import ModelSpec
 
 
@@ -113,5 +114,5 @@ def from_config(cfg, model: ModelSpec, *, phase: str = "train") -> R2D2:
   The regulariser and scale keep their defaults until the config has fields for
   them (``r2d2_init_lambda``, ``r2d2_learn_lambda``, ``head_init_scale``).
   """
-  embedding.check_phase(phase)
+  check_phase(phase)
   return R2D2(model, cfg.n_way, batch_norm=cfg.batch_norm)
