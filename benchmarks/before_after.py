@@ -26,7 +26,7 @@ import tempfile
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def throughput(tree: pathlib.Path, config: str, min_seconds: float,
+def throughput(tree: pathlib.Path, config: str, min_seconds: float, min_steps: int,
                devices: int) -> tuple[float, dict]:
   """Meta-steps (or episodes) per second of one workload, run from the checkout ``tree``
   with its tasks split over ``devices`` simulated CPU devices (set explicitly, so that
@@ -36,7 +36,7 @@ def throughput(tree: pathlib.Path, config: str, min_seconds: float,
     env = {**os.environ, "PYTHONPATH": str(tree),
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     subprocess.run([sys.executable, "-m", "experiments.benchmark", f"--config={config}",
-                    "--repeats=1", "--min_steps=1000", f"--min_seconds={min_seconds}",
+                    "--repeats=1", f"--min_steps={min_steps}", f"--min_seconds={min_seconds}",
                     f"--num_devices={devices}", f"--output={out}"], check=True, cwd=tree, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     record = json.loads(pathlib.Path(out).read_text())
@@ -44,13 +44,13 @@ def throughput(tree: pathlib.Path, config: str, min_seconds: float,
   return work["throughput_median"], record["machine"]
 
 
-def pytorch_throughput(config: str, min_seconds: float) -> tuple[float, dict]:
+def pytorch_throughput(config: str, min_seconds: float, min_steps: int) -> tuple[float, dict]:
   """The PyTorch baseline (benchmarks/pytorch_maml.py) on the same workload, same timing."""
   name, _, variant = config.partition("-")
   with tempfile.TemporaryDirectory() as folder:
     out = os.path.join(folder, "r.json")
     subprocess.run([sys.executable, str(HERE / "pytorch_maml.py"), f"--config={name}",
-                    f"--model={variant or 'maxpool'}", "--repeats=1", "--min_steps=1000",
+                    f"--model={variant or 'maxpool'}", "--repeats=1", f"--min_steps={min_steps}",
                     f"--min_seconds={min_seconds}", f"--output={out}"], check=True,
                    cwd=HERE.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     record = json.loads(pathlib.Path(out).read_text())
@@ -73,6 +73,8 @@ def main() -> None:
   parser.add_argument("--cpu_devices", type=int, default=2, help="simulated CPU devices")
   parser.add_argument("--pytorch", action="store_true",
                       help="also run the PyTorch baseline in each round (ratio after / pytorch)")
+  parser.add_argument("--min_steps", type=int, default=1000,
+                      help="timed steps at least, as well as --min_seconds")
   parser.add_argument("--output", help="JSON output path (default: print only)")
   args = parser.parse_args()
   before, after = pathlib.Path(args.before).resolve(), HERE.parent
@@ -84,12 +86,13 @@ def main() -> None:
   for r in range(args.rounds):
     for name in names:
       for side, tree in (("before", before), ("after", after)):
-        rate, machine[side] = throughput(tree, name, args.min_seconds, args.cpu_devices)
+        rate, machine[side] = throughput(tree, name, args.min_seconds, args.min_steps,
+                                         args.cpu_devices)
         rates[name][side].append(rate)
       b, a = rates[name]["before"][-1], rates[name]["after"][-1]
       line = f"round {r + 1} {name:<11} before {b:8.3f}  after {a:8.3f}  ratio {a / b:5.3f}"
       if args.pytorch:
-        rate, machine["pytorch"] = pytorch_throughput(name, args.min_seconds)
+        rate, machine["pytorch"] = pytorch_throughput(name, args.min_seconds, args.min_steps)
         rates[name]["pytorch"].append(rate)
         line += f"  pytorch {rate:8.3f}  after/pytorch {a / rate:5.2f}"
       print(line, flush=True)
@@ -112,6 +115,7 @@ def main() -> None:
   record = {"machine": machine, "workloads": results,
             "commits": {"before": git_head(before), "after": git_head(after)},
             "settings": {"rounds": args.rounds, "min_seconds": args.min_seconds,
+                         "min_steps": args.min_steps,
                          "cpu_devices": args.cpu_devices, "pytorch": args.pytorch}}
   if args.output:
     path = pathlib.Path(args.output)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from jax.flatten_util import ravel_pytree
 
 from advmaml.runtime import host
 from advmaml.bench.flops import count_flops
@@ -167,7 +168,10 @@ def test_max_pool_matches_reduce_window(size):
 def test_max_pool_ties_share_the_gradient_as_a_max_reduction_does_to_second_order():
   """Constant image regions tie exactly; the custom JVP splits evenly, as the
   derivative of a max reduction does, in forward and reverse mode."""
-  reduction = reference.max_pool_2x2  # a max reduction over each window
+  def reduction(x):  # a max reduction over each window: jnp.max's derivative splits ties
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
   x = jax.random.normal(jax.random.key(0), (2, 8, 6, 3))
   x = jnp.where(jnp.abs(x) < 0.6, 0.25, x)  # about half the entries equal: 2-, 3- and 4-way ties
   x = x.at[:, :2, :2, :].set(1.5)           # whole windows tied
@@ -188,6 +192,34 @@ def test_max_pool_ties_share_the_gradient_as_a_max_reduction_does_to_second_orde
   assert float(jnp.abs(got[:, :2, :2, :] - weight[:, :1, :1, :] / 4).max()) < 1e-7
   chex.assert_trees_all_close(inner_then_outer(max_pool_2x2)(x), inner_then_outer(reduction)(x),
                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pool", [max_pool_2x2, reference.max_pool_2x2], ids=["cpu", "reference"])
+def test_max_pool_gradient_under_jit_through_two_normalised_residual_blocks(x64, pool):
+  """Regression: a max *reduction*'s derivative tests x == max(x), and XLA:CPU
+  recomputed x (a sum of two batch-normed convolutions) in several fusions,
+  rounded differently, so windows matched no element and lost their gradient:
+  O(1) errors in float64 under jit, right op by op. Both max-pools now pass."""
+  keys = jax.random.split(jax.random.key(0), 5)
+  widths = [(1, 4), (4, 6)]
+  params = [(jax.random.normal(k1, (1, 1, i, o)) * 0.5, jax.random.normal(k2, (3, 3, i, o)) * 0.3)
+            for (i, o), k1, k2 in zip(widths, keys[:2], keys[2:4])]
+  x = jax.random.uniform(keys[4], (6, 16, 16, 1), jnp.float64)
+  norm = lambda h: reference.batch_stat_norm(h, jnp.ones(h.shape[-1]), jnp.zeros(h.shape[-1]), 1e-5)
+
+  def loss(params, x):
+    for shortcut, kernel in params:
+      x = pool(norm(reference.conv2d(x, shortcut, 1)) + norm(reference.conv2d(x, kernel, 1)))
+    return jnp.sum(jnp.sin(x.mean(axis=(1, 2))))
+
+  flat, unravel = ravel_pytree(params)
+  v = jax.random.normal(jax.random.key(5), flat.shape)
+  h = 1e-6
+  fd = (loss(unravel(flat + h * v), x) - loss(unravel(flat - h * v), x)) / (2 * h)
+  jitted = ravel_pytree(jax.jit(jax.grad(loss))(params, x))[0]
+  captured = ravel_pytree(jax.jit(lambda x: jax.grad(loss)(params, x))(x))[0]
+  np.testing.assert_allclose(float(jitted @ v), float(fd), rtol=1e-6)
+  np.testing.assert_allclose(captured, jitted, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("variant,size,feature_shape", [("conv4", 28, (2, 2)), ("conv4_maxpool", 28, (1, 1)),

@@ -330,13 +330,15 @@ def _max_pool_2x2_even(x: jax.Array) -> jax.Array:
 @_max_pool_2x2_even.defjvp
 def _max_pool_2x2_even_jvp(primals, tangents):
   (x,), (t,) = primals, tangents
-  y = _max_pool_2x2_even(x)
-  bsz, h, w, c = x.shape
-  # The count of tied maxima, elementwise from the corners (a reduction is another pass).
-  ties = sum((corner == y).astype(x.dtype) for corner in _window_corners(x))
-  at_max = x.reshape(bsz, h // 2, 2, w // 2, 2, c) == y[:, :, None, :, None, :]
-  picked = jnp.where(at_max, t.reshape(at_max.shape), 0).sum(axis=(2, 4))
-  return y, picked / ties
+  corners = _window_corners(x)
+  # Which corners are maxima, from comparisons among the corners alone: never
+  # against y, which XLA may compute in another fusion, rounded differently,
+  # so that no corner would equal it (the reference max-pool's old failure).
+  at_max = [functools.reduce(jnp.logical_and, [c >= o for o in corners if o is not c])
+            for c in corners]
+  ties = sum(m.astype(x.dtype) for m in at_max)  # >= 1: the largest corner is >= the others
+  picked = sum(jnp.where(m, tc, 0) for m, tc in zip(at_max, _window_corners(t)))
+  return _max_pool_2x2_even(x), picked / ties
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

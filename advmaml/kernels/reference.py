@@ -1,7 +1,7 @@
 """The reference kernels: plain JAX, on which every transformation works.
 
-``lax.conv_general_dilated``, batch norm written with jnp ops and a max-pool as
-a max reduction over 2x2 windows: no custom derivative rules, so grad, grad of
+``lax.conv_general_dilated``, batch norm written with jnp ops and
+``lax.reduce_window`` max-pool: no custom derivative rules, so grad, grad of
 grad, jvp, jacfwd, jax.hessian, jax.linearize, forward-over-reverse
 Hessian-vector products and vmap of each all apply. XLA's own kernels run them,
 which is what a GPU or TPU wants (``kernels="auto"`` picks these there).
@@ -42,15 +42,21 @@ def batch_stat_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: fl
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 max-pool, stride 2, 'VALID'. (B, H, W, C) -> (B, H//2, W//2, C).
+  """2x2 max-pool, stride 2, 'VALID' (odd sizes are floored). (B, H, W, C) -> (B, H//2, W//2, C).
 
-  A max reduction over each window, not ``lax.reduce_window``: tied maxima
-  share the gradient evenly, as in the CPU kernel, where reduce_window's
-  derivative gives it all to one of them (constant image regions tie exactly).
+  ``lax.reduce_window`` with ``lax.max``, as ``flax.linen.max_pool``: its
+  derivative (``select_and_gather_add``, transposed to ``select_and_scatter_add``)
+  carries each window's tangent with its value through one reduction, so it
+  never compares activations computed in two places. A max *reduction*
+  (``reshape(...).max(axis=(2, 4))``) does: its derivative tests ``x == max(x)``,
+  and XLA:CPU (jax 0.10.2) recomputes ``x`` in several fusions, rounded
+  differently, so some windows matched no element and silently lost their
+  gradient: O(1) errors on ResNet-12 and conv4_maxpool, in float64 as well
+  (docs/speed.md, "The max-pool derivative"). A tie goes to one of the tied
+  elements (the CPU kernel splits it evenly; only the routing of tied
+  gradients differs, which constant image regions make exact ties).
   """
-  b, h, w, c = x.shape
-  x = x[:, :h // 2 * 2, :w // 2 * 2, :]
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
 
 
 @dataclasses.dataclass(frozen=True)
