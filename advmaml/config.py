@@ -33,6 +33,7 @@ class Config:
   n_way: int = 5
   k_shot: int = 1
   q_query: int = 1                  # query examples per class during meta-training (MAML: K)
+  train_k_shot: int = 0             # support examples per class during meta-training (0: k_shot; MetaOptNet and the AQ code train metric heads with more)
   eval_q_query: int = 1             # query examples per class at evaluation
   # Network.
   model: str = "conv4"              # a backbone of advmaml.models.names(): "conv4" (MAML's Omniglot net), "conv4_maxpool", "resnet12"
@@ -50,6 +51,14 @@ class Config:
   meta_sgd: bool = False
   anil: bool = False
   remat: bool = False               # rematerialise inner steps: less memory, more compute
+  # The metric and closed-form heads (learners/protonet.py, r2d2.py, metaoptnet.py).
+  head_scale: float = 0.0           # the logits' (initial) scale; 0: the learner's own (protonet 1, r2d2 10, metaoptnet 1)
+  protonet_learn_scale: bool = False  # meta-learn ProtoNet's scale (MetaOptNet's ProtoNet head does)
+  protonet_normalize: bool = False  # divide ProtoNet's squared distances by the embedding size (MetaOptNet's head)
+  r2d2_lambda: float = 1.0          # R2-D2's initial ridge regulariser (meta-learned)
+  svm_c: float = 0.1                # MetaOptNet-SVM's cost C
+  svm_iterations: int = 50          # MetaOptNet-SVM's ADMM iterations in meta-training
+  svm_eval_iterations: int = 100    # ... at validation and evaluation
   # Outer loop.
   objective: str = "natural"
   meta_batch_size: int = 32
@@ -151,6 +160,24 @@ for _name, _title, _settings in (
     ("fc100", "FC100 5-way {}-shot, MAML's Mini-ImageNet settings", _FC100)):
   for _k in (1, 5):
     _preset(f"{_name}_5w{_k}s", _title.format(_k), dict(_settings, n_way=5, k_shot=_k))
+# Adversarial querying as Goldblum, Fowl & Goldstein (2020) ran it, on MetaOptNet's code
+# (Lee et al. 2019): ResNet-12, the SVM head, 15 support shots and 6 queries per class in
+# meta-training (5 or 1 shot and 15 queries at test), 8 episodes per batch, SGD with
+# Nesterov momentum at 0.1, PGD-7 at 8/255 with step 2/255 on the queries; 60 epochs of
+# 1,000 batches. Not reproduced: the step-wise learning-rate decay, weight decay 5e-4,
+# DropBlock, and the 3 QP iterations (ADMM here). Evaluate with PGD-20 at 8/255
+# (docs/training.md#robust-meta-training). Made for a GPU (kernels=auto: reference there).
+_AQ_RESNET12 = dict(n_way=5, rotate=False, model="resnet12", filters=64, learner="metaoptnet",
+                    objective="aq", train_epsilon=8 / 255, train_attack_steps=7,
+                    train_step_size=2 / 255, train_k_shot=15, q_query=6, eval_q_query=15,
+                    meta_batch_size=8, outer_optimizer="nesterov", outer_lr=0.1,
+                    num_steps=60000, eval_every=1000, val_episodes=200, checkpoint_every=1000)
+for _name, _title, _data in (
+    ("mini_imagenet", "Mini-ImageNet", dict(dataset="mini_imagenet", split="ravi", image_size=84)),
+    ("cifar_fs", "CIFAR-FS", dict(dataset="cifar_fs", split="bertinetto", image_size=32))):
+  for _k in (1, 5):
+    _preset(f"{_name}_aq_5w{_k}s", f"{_title} 5-way {_k}-shot, AQ on ResNet-12 + SVM",
+            dict(_AQ_RESNET12, **_data, k_shot=_k))
 _preset("tiny", "3-way, 4 steps: seconds, for tests and smoke runs",
         dict(n_way=3, k_shot=1, q_query=2, eval_q_query=2, filters=8, meta_batch_size=2,
              inner_steps=1, eval_inner_steps=2, num_steps=4, log_every=2, eval_every=0,
@@ -260,6 +287,7 @@ def validate(cfg: Config) -> None:
       if getattr(cfg, name):
         raise ConfigError(f"--{name} sets MAML's inner loop; --learner={cfg.learner!r} has none "
                           "(it fits its head in closed form)")
+  _validate_heads(cfg)
   if cfg.meta_sgd and cfg.inner_optimizer != "sgd":
     raise ConfigError(f"--meta_sgd learns the inner loop's per-parameter rates, which replace "
                       f"--inner_optimizer={cfg.inner_optimizer!r}; use --inner_optimizer=sgd")
@@ -267,6 +295,36 @@ def validate(cfg: Config) -> None:
     raise ConfigError(f"--conv_impl={cfg.conv_impl!r} chooses the cpu kernels' convolution; "
                       "use --kernels=cpu with it (--kernels=reference always runs lax.conv)")
   _validate_train_attack(cfg)
+
+
+# Each head's own fields: set away from its default for another learner, a field would be
+# ignored, so it is refused.
+_HEAD_FIELDS = {"protonet": ("protonet_learn_scale", "protonet_normalize"),
+                "r2d2": ("r2d2_lambda",),
+                "metaoptnet": ("svm_c", "svm_iterations", "svm_eval_iterations")}
+
+
+def _validate_heads(cfg: Config) -> None:
+  """The metric and closed-form heads' fields, and the training shot count."""
+  if cfg.train_k_shot < 0:
+    raise ConfigError(f"--train_k_shot={cfg.train_k_shot} must be >= 0 (0: --k_shot)")
+  if not cfg.head_scale >= 0:
+    raise ConfigError(f"--head_scale={cfg.head_scale} must be positive, or 0 for the learner's own")
+  if cfg.head_scale and cfg.learner == "maml":
+    raise ConfigError("--head_scale sets a metric or closed-form head's scale; --learner='maml' "
+                      "has a linear head (use --learner=protonet|r2d2|metaoptnet)")
+  _positive(cfg, "r2d2_lambda", "svm_c", "svm_iterations", "svm_eval_iterations")
+  defaults = Config()
+  for learner, names in _HEAD_FIELDS.items():
+    for name in names:
+      if cfg.learner != learner and getattr(cfg, name) != getattr(defaults, name):
+        raise ConfigError(f"--{name} is {learner}'s; --learner={cfg.learner!r} does not use it "
+                          f"(use --learner={learner}, or leave --{name} unset)")
+
+
+def train_k_shot(cfg: Config) -> int:
+  """Support examples per class in meta-training episodes (``--train_k_shot``, else ``--k_shot``)."""
+  return cfg.train_k_shot or cfg.k_shot
 
 
 def _validate_train_attack(cfg: Config) -> None:
@@ -302,9 +360,11 @@ def validate_against_data(cfg: Config, pools: dict) -> None:
           f"{cfg.split!r} {split} split; use --n_way<={num_classes}")
     q = cfg.q_query if split == "train" else cfg.eval_q_query
     flag = "q_query" if split == "train" else "eval_q_query"
-    if cfg.k_shot + q > num_examples:
+    k, k_flag = ((train_k_shot(cfg), "train_k_shot" if cfg.train_k_shot else "k_shot")
+                 if split == "train" else (cfg.k_shot, "k_shot"))
+    if k + q > num_examples:
       raise ConfigError(
-          f"--k_shot={cfg.k_shot} plus --{flag}={q} needs {cfg.k_shot + q} distinct examples "
+          f"--{k_flag}={k} plus --{flag}={q} needs {k + q} distinct examples "
           f"per class but the {split} split has {num_examples} per class")
 
 

@@ -73,3 +73,30 @@ def test_wall_time_sums_the_logged_windows_up_to_the_evaluated_step():
              {"step": 400, "steps_per_sec": 1.0}]
   assert wall_seconds(records, 300) == pytest.approx(50 + 50)
   assert wall_seconds(records, 400) == pytest.approx(50 + 50 + 100)
+
+
+def test_extra_columns_read_their_files_metrics_and_masking_verdicts(two_runs, tmp_path):
+  """--column=LABEL=FILE:METRIC: one column per epsilon of that file's METRIC@eps, a dash
+  where a run lacks the file; masking_checks counts the passed checks."""
+  runs, env = two_runs
+  natural = tmp_path / "natural"
+  subprocess.run(["cp", "-r", str(runs["natural"]), str(natural)], check=True)
+  record = json.loads((natural / "eval_test_robust.json").read_text())
+  record["metrics"] = {"clean_accuracy": record["metrics"]["clean_accuracy"],
+                       "alone_robust_accuracy@0.1": {"mean": 0.25, "ci95": 0.125}}
+  record["masking_checks"] = {"results": [{"passed": True}, {"passed": False}, {"passed": True}]}
+  (natural / "eval_test_extra.json").write_text(json.dumps(record))
+  out = _run("experiments.compare", str(natural), str(runs["aq"]), "--markdown",
+             f"--output_dir={tmp_path}", "--column=alone=eval_test_extra.json:alone_robust_accuracy",
+             "--column=masking=eval_test_extra.json:masking_checks",
+             "--column=pgd=eval_test_robust.json:robust_accuracy", env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.strip().splitlines()]
+  assert lines[0][5:] == ["clean", "alone 0.1", "masking", "pgd 0.05", "pgd 0.1"]
+  pgd = json.loads((natural / "eval_test_robust.json").read_text())["metrics"]
+  assert lines[2][6:8] == ["25.00 +- 12.50%", "2/3 pass"]
+  assert lines[2][8] == f"{100 * pgd['robust_accuracy@0.05']['mean']:.2f} +- " \
+                        f"{100 * pgd['robust_accuracy@0.05']['ci95']:.2f}%"
+  assert lines[3][6:8] == ["-", "-"]     # the aq run has no eval_test_extra.json
+  bad = _run("experiments.compare", str(natural), "--column=nolabel", env=env)
+  assert bad.returncode == 2 and "LABEL=FILE:METRIC" in bad.stderr and "Traceback" not in bad.stderr

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from advmaml.config import Config
+from advmaml.config import Config, ConfigError, validate
 from advmaml.learners import metaoptnet, protonet, qp, r2d2
 from advmaml.models import ModelSpec, make_model
 
@@ -231,8 +231,39 @@ def test_from_config_reads_n_way_batch_norm_and_phase():
     hash(learner)   # a static jit argument
     with pytest.raises(ValueError, match="phase"):
       module.from_config(cfg, model, phase="eval")
-  assert metaoptnet.from_config(cfg, model, phase="test").iterations == metaoptnet.EVAL_ITERATIONS
-  assert metaoptnet.from_config(cfg, model).iterations == metaoptnet.TRAIN_ITERATIONS
+  svm = Config(learner="metaoptnet", svm_iterations=7, svm_eval_iterations=9, svm_c=0.5)
+  assert metaoptnet.from_config(svm, model, phase="test").iterations == 9
+  assert metaoptnet.from_config(svm, model).iterations == 7
+  assert metaoptnet.from_config(svm, model).C == 0.5
+  assert metaoptnet.from_config(cfg, model).iterations == Config().svm_iterations == 50
+
+
+def test_from_config_reads_each_heads_fields_and_validation_refuses_the_others():
+  model = linear_model(3)
+  proto = protonet.from_config(Config(learner="protonet", head_scale=2.5, protonet_learn_scale=True,
+                                      protonet_normalize=True), model)
+  assert (proto.init_scale, proto.learn_scale, proto.normalize) == (2.5, True, True)
+  assert protonet.from_config(Config(learner="protonet"), model).init_scale == 1.0
+  ridge = r2d2.from_config(Config(learner="r2d2", r2d2_lambda=0.3, head_scale=4.0), model)
+  assert (ridge.init_lambda, ridge.init_scale) == (0.3, 4.0)
+  assert r2d2.from_config(Config(learner="r2d2"), model).init_scale == 10.0
+  assert metaoptnet.from_config(Config(learner="metaoptnet", head_scale=3.0), model).init_scale == 3.0
+  # The fields reach the logits: a doubled ProtoNet scale doubles them.
+  sx, sy = images(jax.random.normal(jax.random.key(0), (6, 3))), jnp.repeat(jnp.arange(3), 2)
+  logits = lambda scale: (lambda l: l.logits(l.adapt(l.init(jax.random.key(1)), sx, sy), sx))(
+      protonet.from_config(Config(learner="protonet", head_scale=scale), model))
+  np.testing.assert_allclose(logits(2.0), 2 * logits(1.0), rtol=1e-6)
+  for bad, match in [(dict(learner="maml", svm_c=1.0), "metaoptnet's"),
+                     (dict(learner="protonet", r2d2_lambda=2.0), "r2d2's"),
+                     (dict(learner="r2d2", protonet_normalize=True), "protonet's"),
+                     (dict(learner="maml", head_scale=2.0), "head_scale"),
+                     (dict(learner="metaoptnet", svm_c=0.0), "svm_c"),
+                     (dict(learner="metaoptnet", svm_eval_iterations=0), "svm_eval_iterations"),
+                     (dict(learner="protonet", head_scale=-1.0), "head_scale"),
+                     (dict(train_k_shot=-1), "train_k_shot")]:
+    with pytest.raises(ConfigError, match=match):
+      validate(Config(**bad))
+  validate(Config(learner="metaoptnet", svm_c=1.0, head_scale=2.0, train_k_shot=5))
 
 
 def test_rejects_bad_settings():

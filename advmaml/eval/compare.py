@@ -47,6 +47,43 @@ class RunSummary:
   robust: dict               # epsilon -> {"mean", "ci95", ...}
   norm: str | None           # the attacks' threat model
   val_curve: list            # [(step, accuracy, ci95)]
+  columns: dict = dataclasses.field(default_factory=dict)  # Column.label -> {eps: stats} or str
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+  """Extra table columns: ``metric@eps`` of the record in ``file``, one column per epsilon.
+
+  ``metric="masking_checks"`` gives one column instead: how many of the record's
+  gradient-masking checks passed. Written ``LABEL=FILE:METRIC`` on the command line.
+  """
+  label: str
+  file: str
+  metric: str
+
+  @classmethod
+  def parse(cls, spec: str) -> "Column":
+    label, sep, rest = spec.partition("=")
+    file, sep2, metric = rest.rpartition(":")
+    if not (sep and sep2 and label and file and metric):
+      raise CompareError(f"--column={spec!r}: write LABEL=FILE:METRIC, e.g. "
+                         "'AutoAttack=eval_test_autoattack.json:robust_accuracy'")
+    return cls(label, file, metric)
+
+
+def _column_values(workdir: pathlib.Path, column: Column):
+  """{eps: stats} of ``column.metric@eps`` in the workdir's ``column.file`` (or the masking
+  checks' "passed/total"); empty (or None) where the file is absent."""
+  path = workdir / column.file
+  if not path.is_file():
+    return None if column.metric == "masking_checks" else {}
+  record = _read_json(path)
+  if column.metric == "masking_checks":
+    results = (record.get("masking_checks") or {}).get("results") or []
+    return f"{sum(bool(r.get('passed')) for r in results)}/{len(results)} pass" if results else None
+  pattern = re.compile(rf"^{re.escape(column.metric)}@(.+)$")
+  return {float(m.group(1)): stats for name, stats in record.get("metrics", {}).items()
+          if (m := pattern.match(name))}
 
 
 def _read_json(path: pathlib.Path):
@@ -86,8 +123,9 @@ def wall_seconds(train_records: list[dict], up_to_step: int) -> float:
   return total
 
 
-def summarize(workdir: str | os.PathLike, eval_pattern: str = "eval_test*.json") -> RunSummary:
-  """One run's row and curves from its workdir's kept files."""
+def summarize(workdir: str | os.PathLike, eval_pattern: str = "eval_test*.json",
+              columns: tuple[Column, ...] = ()) -> RunSummary:
+  """One run's row and curves from its workdir's kept files (and its extra ``columns``)."""
   workdir = pathlib.Path(workdir)
   for name in ("config.json", METRICS_FILE):
     if not (workdir / name).is_file():
@@ -107,7 +145,8 @@ def summarize(workdir: str | os.PathLike, eval_pattern: str = "eval_test*.json")
                     objective=config.get("objective", "?"), steps=int(step),
                     wall_seconds=wall_seconds(train, step),
                     clean=metrics.get("clean_accuracy", metrics.get("accuracy")),
-                    robust=dict(sorted(robust.items())), norm=norm, val_curve=val)
+                    robust=dict(sorted(robust.items())), norm=norm, val_curve=val,
+                    columns={c.label: _column_values(workdir, c) for c in columns})
 
 
 def _duration(seconds: float) -> str:
@@ -121,16 +160,29 @@ def _percent(stats: dict | None) -> str:
   return f"{100 * stats['mean']:.2f} +- {100 * stats['ci95']:.2f}%"
 
 
-def table(runs: list[RunSummary], *, markdown: bool = False) -> str:
-  """One row per run: model, objective, steps, wall time, clean and robust accuracy per epsilon."""
+def table(runs: list[RunSummary], *, markdown: bool = False,
+          columns: tuple[Column, ...] = ()) -> str:
+  """One row per run: model, objective, steps, wall time, clean and robust accuracy per
+  epsilon; with ``columns``, those columns instead of the robust accuracy's."""
   epsilons = sorted({eps for run in runs for eps in run.robust})
   norms = sorted({run.norm for run in runs if run.norm})
   eps_name = f"{'/'.join(norms)} eps" if norms else "eps"
-  header = ["run", "model", "objective", "meta-steps", "wall time", "clean",
-            *(f"{eps_name} {eps:g}" for eps in epsilons)]
+  header = ["run", "model", "objective", "meta-steps", "wall time", "clean"]
+  cells = []   # (header, run -> cell)
+  if not columns:
+    cells = [(f"{eps_name} {eps:g}", lambda run, eps=eps: _percent(run.robust.get(eps)))
+             for eps in epsilons]
+  for column in columns:
+    if column.metric == "masking_checks":
+      cells.append((column.label, lambda run, c=column: run.columns.get(c.label) or "-"))
+      continue
+    col_eps = sorted({eps for run in runs for eps in (run.columns.get(column.label) or {})})
+    cells += [(f"{column.label} {eps:g}",
+               lambda run, c=column, eps=eps: _percent((run.columns.get(c.label) or {}).get(eps)))
+              for eps in col_eps]
+  header += [h for h, _ in cells]
   rows = [[run.label, run.model, run.objective, f"{run.steps:,}", _duration(run.wall_seconds),
-           _percent(run.clean), *(_percent(run.robust.get(eps)) for eps in epsilons)]
-          for run in runs]
+           _percent(run.clean), *(cell(run) for _, cell in cells)] for run in runs]
   if markdown:
     lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)

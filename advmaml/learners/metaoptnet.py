@@ -84,18 +84,11 @@ class MetaOptNetSVM(embedding.EmbeddingLearner):
                                   @ task_state["weights"])
 
 
-# ADMM iterations when the config does not say: meta-training, evaluation (more, as
-# evaluation runs once per episode and its accuracy is what is reported).
-TRAIN_ITERATIONS, EVAL_ITERATIONS = 50, 100
-
-
 def from_config(cfg, model: ModelSpec, *, phase: str = "train") -> MetaOptNetSVM:
-  """The MetaOptNet-SVM of a run: cfg.n_way, cfg.batch_norm; more ADMM iterations at "test".
-
-  C, the dual ridge and the iteration counts keep their defaults until the config
-  has fields for them (``svm_c``, ``svm_dual_ridge``, ``svm_iterations``,
-  ``svm_eval_iterations``).
-  """
+  """The MetaOptNet-SVM of a run: cfg.n_way, cfg.batch_norm, cfg.svm_c, cfg.head_scale
+  (0: 1), and cfg.svm_iterations ADMM iterations in "train", cfg.svm_eval_iterations in
+  "test" (defaults 50 and 100: evaluation runs once per episode and is what is reported)."""
   check_phase(phase)
-  iterations = TRAIN_ITERATIONS if phase == "train" else EVAL_ITERATIONS
-  return MetaOptNetSVM(model, cfg.n_way, batch_norm=cfg.batch_norm, iterations=iterations)
+  iterations = cfg.svm_iterations if phase == "train" else cfg.svm_eval_iterations
+  return MetaOptNetSVM(model, cfg.n_way, batch_norm=cfg.batch_norm, C=cfg.svm_c,
+                       init_scale=cfg.head_scale or 1.0, iterations=iterations)

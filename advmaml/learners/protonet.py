@@ -100,10 +100,9 @@ class ProtoNet(embedding.EmbeddingLearner):
 
 
 def from_config(cfg, model: ModelSpec, *, phase: str = "train") -> ProtoNet:
-  """The ProtoNet of a run: cfg.n_way and cfg.batch_norm; the same in both phases.
-
-  learn_scale, init_scale and normalize keep their defaults until the config has
-  fields for them (``protonet_learn_scale``, ``head_init_scale``, ``protonet_normalize``).
-  """
+  """The ProtoNet of a run, the same in both phases: cfg.n_way, cfg.batch_norm,
+  cfg.head_scale (0: 1), cfg.protonet_learn_scale and cfg.protonet_normalize."""
   check_phase(phase)
-  return ProtoNet(model, cfg.n_way, batch_norm=cfg.batch_norm)
+  return ProtoNet(model, cfg.n_way, batch_norm=cfg.batch_norm,
+                  learn_scale=cfg.protonet_learn_scale, init_scale=cfg.head_scale or 1.0,
+                  normalize=cfg.protonet_normalize)

@@ -109,10 +109,8 @@ class R2D2(embedding.EmbeddingLearner):
 
 
 def from_config(cfg, model: ModelSpec, *, phase: str = "train") -> R2D2:
-  """The R2-D2 of a run: cfg.n_way and cfg.batch_norm; the same in both phases.
-
-  The regulariser and scale keep their defaults until the config has fields for
-  them (``r2d2_init_lambda``, ``r2d2_learn_lambda``, ``head_init_scale``).
-  """
+  """The R2-D2 of a run, the same in both phases: cfg.n_way, cfg.batch_norm, the
+  initial regulariser cfg.r2d2_lambda and scale cfg.head_scale (0: 10)."""
   check_phase(phase)
-  return R2D2(model, cfg.n_way, batch_norm=cfg.batch_norm)
+  return R2D2(model, cfg.n_way, batch_norm=cfg.batch_norm, init_lambda=cfg.r2d2_lambda,
+              init_scale=cfg.head_scale or R2D2.init_scale)

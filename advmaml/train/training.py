@@ -29,7 +29,8 @@ from absl import logging
 from advmaml import optimizers
 from advmaml.io import checkpoint
 from advmaml.runtime import host, sharding
-from advmaml.config import Config, ConfigError, validate, validate_against_data, with_legacy_defaults
+from advmaml.config import (Config, ConfigError, train_k_shot, validate, validate_against_data,
+                            with_legacy_defaults)
 from advmaml.data.sources import load_class_splits
 from advmaml.eval.evaluation import evaluate_episodes
 from advmaml.learners import FewShotLearner, make_learner
@@ -281,7 +282,7 @@ def _train_locked(cfg: Config, workdir: pathlib.Path, trust_unverified: bool,
   val_pool = jax.device_put(splits["val"].images)
   train_step = make_train_step(exp.learner, get_objective(cfg), exp.optimizer,
                                meta_batch_size=cfg.meta_batch_size, n_way=cfg.n_way,
-                               k_shot=cfg.k_shot, q_query=cfg.q_query, mesh=mesh,
+                               k_shot=train_k_shot(cfg), q_query=cfg.q_query, mesh=mesh,
                                task_chunk=cfg.task_chunk)
   logging.info("Meta-batch of %d tasks split over %d %s device(s)", cfg.meta_batch_size,
                mesh.devices.size, mesh.devices.flat[0].platform)
