@@ -59,6 +59,7 @@ class Config:
   svm_c: float = 0.1                # MetaOptNet-SVM's cost C
   svm_iterations: int = 50          # MetaOptNet-SVM's ADMM iterations in meta-training
   svm_eval_iterations: int = 100    # ... at validation and evaluation
+  transfer_classes: int = 0         # the transfer baseline's classifier width: the meta-train split's class count
   # Outer loop.
   objective: str = "natural"
   meta_batch_size: int = 32
@@ -301,7 +302,8 @@ def validate(cfg: Config) -> None:
 # ignored, so it is refused.
 _HEAD_FIELDS = {"protonet": ("protonet_learn_scale", "protonet_normalize"),
                 "r2d2": ("r2d2_lambda",),
-                "metaoptnet": ("svm_c", "svm_iterations", "svm_eval_iterations")}
+                "metaoptnet": ("svm_c", "svm_iterations", "svm_eval_iterations"),
+                "transfer": ("transfer_classes",)}
 
 
 def _validate_heads(cfg: Config) -> None:
@@ -314,6 +316,12 @@ def _validate_heads(cfg: Config) -> None:
     raise ConfigError("--head_scale sets a metric or closed-form head's scale; --learner='maml' "
                       "has a linear head (use --learner=protonet|r2d2|metaoptnet)")
   _positive(cfg, "r2d2_lambda", "svm_c", "svm_iterations", "svm_eval_iterations")
+  if cfg.learner == "transfer" and cfg.transfer_classes < 2:
+    raise ConfigError(f"--transfer_classes={cfg.transfer_classes}: --learner=transfer needs "
+                      "the meta-train split's class count (Omniglot vinyals with rotations: 4400)")
+  if cfg.objective in ("transfer", "transfer_at") and cfg.learner != "transfer":
+    raise ConfigError(f"--objective={cfg.objective} trains the transfer baseline's classifier; "
+                      f"use --learner=transfer (not {cfg.learner!r})")
   defaults = Config()
   for learner, names in _HEAD_FIELDS.items():
     for name in names:
@@ -354,6 +362,9 @@ def validate_against_data(cfg: Config, pools: dict) -> None:
   """Checks episode sizes against the class pools. pools: split -> (C, D, H, W[, C]) array."""
   for split, pool in pools.items():
     num_classes, num_examples = pool.shape[:2]
+    if split == "train" and cfg.learner == "transfer" and cfg.transfer_classes != num_classes:
+      raise ConfigError(f"--transfer_classes={cfg.transfer_classes} but the {cfg.split!r} train "
+                        f"split has {num_classes} classes; use --transfer_classes={num_classes}")
     if cfg.n_way > num_classes:
       raise ConfigError(
           f"--n_way={cfg.n_way} is larger than the {num_classes} classes of the "

@@ -26,7 +26,7 @@ def test_help_lists_the_choices_of_every_enum_field_and_one_line_per_preset():
   text = "".join(line.strip() for line in out.stdout.splitlines())
   for name, choices in CHOICES.items():
     assert f"--{name}: <{'|'.join(choices())}>" in text, name
-  assert "<adml|adv_support|aq|natural|rmaml>" in text     # the robust objectives too
+  assert "<adml|adv_support|aq|natural|rmaml|transfer|transfer_at>" in text  # robust ones too
   lines = [line.strip() for line in out.stdout.splitlines()]
   for name, line in PRESET_HELP.items():
     assert f"{name}: {line}" in lines

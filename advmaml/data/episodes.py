@@ -19,12 +19,17 @@ class Episode(NamedTuple):
 
   support_x: (N*K, H, W, C) float32 in [0, 1]; support_y: (N*K,) int32 in 0..N-1.
   query_x:   (N*Q, H, W, C) float32 in [0, 1]; query_y:   (N*Q,) int32.
+  classes:   (N,) int32, the pool's index of each label's class (label n is class
+             classes[n] of the split), or None where there is no pool (Lake's runs).
+             Learners never see it; an objective that trains a classifier over all
+             the split's classes (the transfer baseline's) reads it.
   Examples are ordered class-major: labels are [0]*K + [1]*K + ...
   """
   support_x: jax.Array
   support_y: jax.Array
   query_x: jax.Array
   query_y: jax.Array
+  classes: jax.Array | None = None
 
 
 def sample_episode(pool: jax.Array, key: jax.Array, n_way: int, k_shot: int,
@@ -54,7 +59,8 @@ def sample_episode(pool: jax.Array, key: jax.Array, n_way: int, k_shot: int,
       support_x=flat(images[:, :k_shot]),
       support_y=jnp.repeat(labels, k_shot),
       query_x=flat(images[:, k_shot:]),
-      query_y=jnp.repeat(labels, q_query))
+      query_y=jnp.repeat(labels, q_query),
+      classes=classes.astype(jnp.int32))
 
 
 def sample_episodes(pool: jax.Array, key: jax.Array, num_tasks: int, n_way: int,

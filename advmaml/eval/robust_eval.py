@@ -159,7 +159,8 @@ def poison_support(learner: Learner, meta_params: dict, episode: Episode, key: j
   gradient goes through the whole inner loop).
   """
   meta = lax.stop_gradient(meta_params)
-  sx, sy, qx, qy = (lax.stop_gradient(a) for a in episode)
+  sx, sy, qx, qy = (lax.stop_gradient(a) for a in
+                    (episode.support_x, episode.support_y, episode.query_x, episode.query_y))
   k_adapt = adapt_key(key)
 
   def query_logits(support_x):  # (S, H, W, C) -> (Q, N)

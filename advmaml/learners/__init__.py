@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from advmaml.learners import maml, metaoptnet, protonet, r2d2
+from advmaml.learners import maml, metaoptnet, protonet, r2d2, transfer
 from advmaml.learners.base import (PHASES, FewShotLearner, adapt_key, check_phase,
                                    cross_entropy, initial_state, query_loss)
 from advmaml.learners.maml import MAML
@@ -24,6 +24,7 @@ LEARNERS: dict[str, LearnerFactory] = {
     "protonet": protonet.from_config,       # Snell et al. 2017
     "r2d2": r2d2.from_config,               # Bertinetto et al. 2019
     "metaoptnet": metaoptnet.from_config,   # Lee et al. 2019, the SVM head
+    "transfer": transfer.from_config,       # the (adversarially trained) transfer baseline
 }
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from advmaml.objectives import robust
+from advmaml.objectives import robust, transfer
 from advmaml.objectives.natural import natural
 
 Objective = Callable[..., tuple]
@@ -31,6 +31,8 @@ OBJECTIVES: dict[str, Callable[[object], Objective]] = {
     "adml": robust.adml_from_config,
     "rmaml": robust.rmaml_from_config,
     "adv_support": robust.adversarial_support_from_config,
+    "transfer": lambda cfg: transfer.transfer,           # the transfer baseline's classifier
+    "transfer_at": transfer.transfer_at_from_config,     # ... adversarially trained
 }
 
 
