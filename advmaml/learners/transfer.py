@@ -26,12 +26,14 @@ from advmaml.models import HEAD, ModelSpec
 
 
 @dataclasses.dataclass(frozen=True)
-class TransferBaseline(embedding.EmbeddingLearner):
+class TransferBaseline(protonet.ProtoNet):
   """A C-way classifier in training, a nearest-centroid head on its features at test.
 
-  model, n_way, batch_norm: ``embedding.EmbeddingLearner`` (the batch-norm rule
-  applies at test; ``classify`` normalises each batch with its own statistics,
-  as ordinary training does). num_classes: C, the meta-train split's classes.
+  At test it is a ProtoNet with scale 1 (``adapt`` and ``logits`` are ProtoNet's,
+  which read only ``meta_params["model"]``). model, n_way, batch_norm:
+  ``embedding.EmbeddingLearner`` (the batch-norm rule applies at test;
+  ``classify`` normalises each batch with its own statistics, as ordinary
+  training does). num_classes: C, the meta-train split's classes.
   """
   num_classes: int = 0
 
@@ -54,22 +56,6 @@ class TransferBaseline(embedding.EmbeddingLearner):
     """The C-way classifier's logits. x: (B, H, W, C_in) -> (B, num_classes)."""
     head = meta_params["classifier"]
     return embedding.features(self.model, meta_params["model"], x) @ head["kernel"] + head["bias"]
-
-  def adapt(self, meta_params: dict, support_x: jax.Array, support_y: jax.Array,
-            key: jax.Array | None = None) -> dict:
-    """The task state: {"params", "prototypes": (N, D)}; the classifier is not used.
-
-    support_x: (S, H, W, C) in [0, 1]; support_y: (S,) int in [0, n_way). key is unused.
-    """
-    del key
-    params, features = embedding.embed_support(self.model, self.batch_norm,
-                                               meta_params["model"], support_x)
-    return {"params": params, "prototypes": protonet.prototypes(features, support_y, self.n_way)}
-
-  def logits(self, task_state: dict, x: jax.Array) -> jax.Array:
-    """x: (B, H, W, C) -> (B, n_way): minus squared distances to the prototypes."""
-    queries = embedding.features(self.model, task_state["params"], x)
-    return protonet.distance_logits(queries, task_state["prototypes"])
 
 
 def from_config(cfg, model: ModelSpec, *, phase: str = "train") -> TransferBaseline:
