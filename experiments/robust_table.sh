@@ -7,7 +7,9 @@
 #
 # Rows (name: objective, batch-norm statistics): natural, aq, rmaml, adml (batch:
 # transductive, MAML's rule) and natural_support, aq_support (support: the support set's
-# statistics normalise the queries too). Each trains $STEPS meta-steps in
+# statistics normalise the queries too); the other learners, natural and AQ-trained:
+# protonet, r2d2, metaoptnet, protonet_aq, r2d2_aq, metaoptnet_aq; and the transfer
+# baseline, clean (transfer) and adversarially trained (transfer_at). Each trains $STEPS meta-steps in
 # $RUNS/omniglot_5w1s_<name> (resuming if it exists); config.json, metrics.jsonl,
 # train.log and the final checkpoint go to $OUT/<name>/, and from there:
 #   eval_test_robust.json   600 episodes, L-inf 0.05 and 0.1: PGD-20 (CE), PGD-20 (margin),
@@ -34,10 +36,17 @@ if [ "$#" -eq 0 ]; then
 fi
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 for name in "$@"; do
+  learner_flags=()
   case "$name" in
     natural|aq|rmaml|adml) objective=$name; bn=batch ;;
     natural_support|aq_support) objective=${name%_support}; bn=support ;;
-    *) echo "error: unknown row $name; use natural aq rmaml adml natural_support aq_support" >&2
+    protonet|r2d2|metaoptnet) objective=natural; bn=batch; learner_flags=(--learner="$name") ;;
+    protonet_aq|r2d2_aq|metaoptnet_aq)
+      objective=aq; bn=batch; learner_flags=(--learner="${name%_aq}") ;;
+    transfer|transfer_at) objective=$name; bn=batch
+      learner_flags=(--learner=transfer --transfer_classes=4400) ;;
+    *) echo "error: unknown row $name; use natural aq rmaml adml natural_support aq_support" \
+            "protonet r2d2 metaoptnet protonet_aq r2d2_aq metaoptnet_aq transfer transfer_at" >&2
        exit 2 ;;
   esac
   workdir="$RUNS/omniglot_5w1s_$name"
@@ -45,7 +54,7 @@ for name in "$@"; do
   mkdir -p "$out"
   if has train; then
     { time "$PYTHON" -m experiments.train --preset=omniglot_5w1s --objective="$objective" \
-        --batch_norm="$bn" --workdir="$workdir" --data_dir="$DATA_DIR" --num_steps="$STEPS" \
+        --batch_norm="$bn" "${learner_flags[@]}" --workdir="$workdir" --data_dir="$DATA_DIR" --num_steps="$STEPS" \
         --checkpoint_every=250 --keep_checkpoints=2 --log_every=50 --eval_every=1000 ; } \
         >> "$out/train.log" 2>&1
     cp "$workdir/config.json" "$workdir/metrics.jsonl" "$out/"
