@@ -21,7 +21,9 @@
 #   eval_test_autoattack.json  the same episodes under standard AutoAttack ($AA_FLAGS)
 #   certify_test.json       randomized smoothing, sigma 0.25, L2 radii 0.1, 0.25, 0.5
 #                           (natural and aq rows)
-# STAGES picks what runs (default "train eval autoattack certify").
+# STAGES picks what runs (default "train eval autoattack certify"); STAGES=table prints
+# the README's two tables of the named rows from those files (experiments.compare) and
+# writes their figures to results/compare/.
 set -euo pipefail
 STEPS=${STEPS:-3000}
 DATA_DIR=${DATA_DIR:-../shared/data/omniglot}
@@ -35,6 +37,24 @@ if [ "$#" -eq 0 ]; then
   exit 2
 fi
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+if has table; then
+  dirs=(); for name in "$@"; do dirs+=("$OUT/$name"); done
+  "$PYTHON" -m experiments.compare "${dirs[@]}" --markdown --eval_files=eval_test_robust.json \
+      --column="summed=eval_test_robust.json:summed_robust_accuracy" \
+      --column="per-example=eval_test_robust.json:robust_accuracy" \
+      --column="alone=eval_test_robust.json:alone_robust_accuracy" \
+      --column="AutoAttack=eval_test_autoattack.json:robust_accuracy" \
+      --column="masking checks=eval_test_robust.json:masking_checks" \
+      --output_dir=results/compare --name=omniglot_5w1s_3k
+  certified=(); for d in "${dirs[@]}"; do [ -f "$d/certify_test.json" ] && certified+=("$d"); done
+  if [ "${#certified[@]}" -gt 0 ]; then
+    echo
+    "$PYTHON" -m experiments.compare "${certified[@]}" --markdown --eval_files=certify_test.json \
+        --column="certified L2=certify_test.json:certified_accuracy" \
+        --output_dir="${TMPDIR:-/tmp}/robust_table_certified"   # its figures are not used
+  fi
+  exit 0
+fi
 for name in "$@"; do
   learner_flags=()
   case "$name" in
