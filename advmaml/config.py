@@ -298,12 +298,14 @@ def validate(cfg: Config) -> None:
   _validate_train_attack(cfg)
 
 
-# Each head's own fields: set away from its default for another learner, a field would be
-# ignored, so it is refused.
-_HEAD_FIELDS = {"protonet": ("protonet_learn_scale", "protonet_normalize"),
-                "r2d2": ("r2d2_lambda",),
-                "metaoptnet": ("svm_c", "svm_iterations", "svm_eval_iterations"),
-                "transfer": ("transfer_classes",)}
+# The learners that read each head field: set away from its default for any other
+# learner, a field would be ignored, so it is refused.
+_HEAD_FIELDS = {"head_scale": ("protonet", "r2d2", "metaoptnet"),
+                "protonet_learn_scale": ("protonet",), "protonet_normalize": ("protonet",),
+                "r2d2_lambda": ("r2d2",),
+                "svm_c": ("metaoptnet",), "svm_iterations": ("metaoptnet",),
+                "svm_eval_iterations": ("metaoptnet",),
+                "transfer_classes": ("transfer",)}
 
 
 def _validate_heads(cfg: Config) -> None:
@@ -312,9 +314,6 @@ def _validate_heads(cfg: Config) -> None:
     raise ConfigError(f"--train_k_shot={cfg.train_k_shot} must be >= 0 (0: --k_shot)")
   if not cfg.head_scale >= 0:
     raise ConfigError(f"--head_scale={cfg.head_scale} must be positive, or 0 for the learner's own")
-  if cfg.head_scale and cfg.learner == "maml":
-    raise ConfigError("--head_scale sets a metric or closed-form head's scale; --learner='maml' "
-                      "has a linear head (use --learner=protonet|r2d2|metaoptnet)")
   _positive(cfg, "r2d2_lambda", "svm_c", "svm_iterations", "svm_eval_iterations")
   if cfg.learner == "transfer" and cfg.transfer_classes < 2:
     raise ConfigError(f"--transfer_classes={cfg.transfer_classes}: --learner=transfer needs "
@@ -323,11 +322,10 @@ def _validate_heads(cfg: Config) -> None:
     raise ConfigError(f"--objective={cfg.objective} trains the transfer baseline's classifier; "
                       f"use --learner=transfer (not {cfg.learner!r})")
   defaults = Config()
-  for learner, names in _HEAD_FIELDS.items():
-    for name in names:
-      if cfg.learner != learner and getattr(cfg, name) != getattr(defaults, name):
-        raise ConfigError(f"--{name} is {learner}'s; --learner={cfg.learner!r} does not use it "
-                          f"(use --learner={learner}, or leave --{name} unset)")
+  for name, users in _HEAD_FIELDS.items():
+    if cfg.learner not in users and getattr(cfg, name) != getattr(defaults, name):
+      raise ConfigError(f"--{name} is {', '.join(users)}'s; --learner={cfg.learner!r} does not "
+                        f"use it (use --learner={'|'.join(users)}, or leave --{name} unset)")
 
 
 def train_k_shot(cfg: Config) -> int:

@@ -33,7 +33,8 @@ PYTHON=${PYTHON:-python}
 STAGES=${STAGES:-train eval autoattack certify}
 AA_FLAGS=${AA_FLAGS:---attack_preset=autoattack}
 if [ "$#" -eq 0 ]; then
-  echo "usage: bash $0 NAME [NAME...]   (natural aq rmaml adml natural_support aq_support)" >&2
+  echo "usage: bash $0 NAME [NAME...]   (natural aq rmaml adml natural_support aq_support" \
+       "protonet r2d2 metaoptnet protonet_aq r2d2_aq metaoptnet_aq transfer transfer_at)" >&2
   exit 2
 fi
 has() { [[ " $STAGES " == *" $1 "* ]]; }

@@ -257,6 +257,7 @@ def test_from_config_reads_each_heads_fields_and_validation_refuses_the_others()
                      (dict(learner="protonet", r2d2_lambda=2.0), "r2d2's"),
                      (dict(learner="r2d2", protonet_normalize=True), "protonet's"),
                      (dict(learner="maml", head_scale=2.0), "head_scale"),
+                     (dict(learner="transfer", transfer_classes=10, head_scale=2.0), "head_scale"),
                      (dict(learner="metaoptnet", svm_c=0.0), "svm_c"),
                      (dict(learner="metaoptnet", svm_eval_iterations=0), "svm_eval_iterations"),
                      (dict(learner="protonet", head_scale=-1.0), "head_scale"),

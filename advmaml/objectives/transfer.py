@@ -38,7 +38,7 @@ def transfer(learner, meta_params: dict, task: Episode, key, *,
     raise ValueError("the transfer objectives need the episodes' class indices (Episode.classes)")
   x = jnp.concatenate([task.support_x, task.query_x])
   y = task.classes[jnp.concatenate([task.support_y, task.query_y])]    # (B,) in [0, C)
-  classify = lambda params, images: learner.classify(params, images)
+  classify = learner.classify     # (params, (B, H, W, C)) -> (B, C), attacked like any logits
   logits = classify(meta_params, x)
   loss, accuracy = cross_entropy(logits, y)
   metrics = {"accuracy": accuracy}
