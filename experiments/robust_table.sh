@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# The README's robust Omniglot 5-way 1-shot table (vinyals split, Conv4): train each
+# The README's robust Omniglot 5-way K-shot tables (vinyals split, Conv4): train each
 # row for the same number of meta-steps, keep its final checkpoint in results/, and
 # evaluate it there as a reviewer would.
 #
 #   DATA_DIR=../shared/data/omniglot bash experiments/robust_table.sh natural aq rmaml adml
+#   SHOT=5 DATA_DIR=../shared/data/omniglot bash experiments/robust_table.sh natural aq
 #
 # Rows (name: objective, batch-norm statistics): natural, aq, rmaml, adml (batch:
 # transductive, MAML's rule) and natural_support, aq_support (support: the support set's
 # statistics normalise the queries too); the other learners, natural and AQ-trained:
 # protonet, r2d2, metaoptnet, protonet_aq, r2d2_aq, metaoptnet_aq; and the transfer
-# baseline, clean (transfer) and adversarially trained (transfer_at). Each trains $STEPS meta-steps in
-# $RUNS/omniglot_5w1s_<name> (resuming if it exists); config.json, metrics.jsonl,
+# baseline, clean (transfer) and adversarially trained (transfer_at). SHOT (1 or 5) picks
+# the preset omniglot_5w${SHOT}s. Each trains $STEPS meta-steps in
+# $RUNS/omniglot_5w${SHOT}s_<name> (resuming if it exists); config.json, metrics.jsonl,
 # train.log and the final checkpoint go to $OUT/<name>/, and from there:
 #   eval_test_robust.json   600 episodes, L-inf 0.05 and 0.1: PGD-20 (CE), PGD-20 (margin),
 #                           APGD-20 (DLR) on the summed loss, the same aimed at each query
@@ -22,13 +24,19 @@
 #   certify_test.json       randomized smoothing, sigma 0.25, L2 radii 0.1, 0.25, 0.5
 #                           (natural and aq rows)
 # STAGES picks what runs (default "train eval autoattack certify"); STAGES=table prints
-# the README's two tables of the named rows from those files (experiments.compare) and
-# writes their figures to results/compare/.
+# the README's two robustness tables of the named rows from those files
+# (experiments.compare) and writes their figures to results/compare/; STAGES=learners
+# prints the learners table (clean and the per-example worst case, training length and
+# wall time) and writes its figures to results/compare/learners_*.
 set -euo pipefail
+SHOT=${SHOT:-1}
+case "$SHOT" in 1|5) ;; *) echo "error: SHOT=$SHOT; use SHOT=1 or SHOT=5" >&2; exit 2 ;; esac
+PRESET=omniglot_5w${SHOT}s
 STEPS=${STEPS:-3000}
 DATA_DIR=${DATA_DIR:-../shared/data/omniglot}
 RUNS=${RUNS:-runs}
-OUT=${OUT:-results/omniglot_5w1s_3k}
+OUT=${OUT:-results/${PRESET}_3k}
+TAG=$(basename "$OUT")
 PYTHON=${PYTHON:-python}
 STAGES=${STAGES:-train eval autoattack certify}
 AA_FLAGS=${AA_FLAGS:---attack_preset=autoattack}
@@ -46,7 +54,7 @@ if has table; then
       --column="alone=eval_test_robust.json:alone_robust_accuracy" \
       --column="AutoAttack=eval_test_autoattack.json:robust_accuracy" \
       --column="masking checks=eval_test_robust.json:masking_checks" \
-      --output_dir=results/compare --name=omniglot_5w1s_3k
+      --output_dir=results/compare --name="$TAG"
   certified=(); for d in "${dirs[@]}"; do [ -f "$d/certify_test.json" ] && certified+=("$d"); done
   if [ "${#certified[@]}" -gt 0 ]; then
     echo
@@ -54,6 +62,14 @@ if has table; then
         --column="certified L2=certify_test.json:certified_accuracy" \
         --output_dir="${TMPDIR:-/tmp}/robust_table_certified"   # its figures are not used
   fi
+  exit 0
+fi
+if has learners; then
+  dirs=(); for name in "$@"; do dirs+=("$OUT/$name"); done
+  "$PYTHON" -m experiments.compare "${dirs[@]}" --markdown --eval_files=eval_test_robust.json \
+      --column="per-example=eval_test_robust.json:robust_accuracy" \
+      --column="masking checks=eval_test_robust.json:masking_checks" \
+      --output_dir=results/compare --name="learners_$TAG"
   exit 0
 fi
 for name in "$@"; do
@@ -70,11 +86,11 @@ for name in "$@"; do
             "protonet r2d2 metaoptnet protonet_aq r2d2_aq metaoptnet_aq transfer transfer_at" >&2
        exit 2 ;;
   esac
-  workdir="$RUNS/omniglot_5w1s_$name"
+  workdir="$RUNS/${PRESET}_$name"
   out="$OUT/$name"
   mkdir -p "$out"
   if has train; then
-    { time "$PYTHON" -m experiments.train --preset=omniglot_5w1s --objective="$objective" \
+    { time "$PYTHON" -m experiments.train --preset="$PRESET" --objective="$objective" \
         --batch_norm="$bn" "${learner_flags[@]}" --workdir="$workdir" --data_dir="$DATA_DIR" --num_steps="$STEPS" \
         --checkpoint_every=250 --keep_checkpoints=2 --log_every=50 --eval_every=1000 ; } \
         >> "$out/train.log" 2>&1

@@ -100,3 +100,41 @@ def test_extra_columns_read_their_files_metrics_and_masking_verdicts(two_runs, t
   assert lines[3][6:8] == ["-", "-"]     # the aq run has no eval_test_extra.json
   bad = _run("experiments.compare", str(natural), "--column=nolabel", env=env)
   assert bad.returncode == 2 and "LABEL=FILE:METRIC" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _robust_table(tmp_path, env, *args: str, **variables: str) -> subprocess.CompletedProcess:
+  """experiments/robust_table.sh run in tmp_path (its results/compare/ lands there)."""
+  env = {**env, "PYTHON": sys.executable, "PYTHONPATH": str(REPO), **variables}
+  return subprocess.run(["bash", str(REPO / "experiments" / "robust_table.sh"), *args],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_robust_table_script_prints_the_learners_table_of_its_rows(two_runs, tmp_path):
+  """STAGES=learners: clean, the per-example worst case and the masking verdicts of the
+  named rows under $OUT, figures named after $OUT."""
+  runs, env = two_runs
+  out_dir = tmp_path / "omniglot_5w5s_3k"
+  out_dir.mkdir()
+  for name, run in (("natural", "natural"), ("protonet_aq", "aq")):
+    subprocess.run(["cp", "-r", str(runs[run]), str(out_dir / name)], check=True)
+  out = _robust_table(tmp_path, env, "natural", "protonet_aq", STAGES="learners",
+                      SHOT="5", OUT=str(out_dir))
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.strip().splitlines()]
+  assert lines[0][5:] == ["clean", "per-example 0.05", "per-example 0.1", "masking checks"]
+  assert [line[0] for line in lines[2:]] == ["natural", "protonet_aq"]
+  robust = json.loads((out_dir / "natural" / "eval_test_robust.json").read_text())["metrics"]
+  assert lines[2][7] == f"{100 * robust['robust_accuracy@0.1']['mean']:.2f} +- " \
+                        f"{100 * robust['robust_accuracy@0.1']['ci95']:.2f}%"
+  for figure in ("robust_learners_omniglot_5w5s_3k.png", "val_learners_omniglot_5w5s_3k.png"):
+    assert (tmp_path / "results" / "compare" / figure).is_file()
+
+
+@pytest.mark.parametrize("variables, args, message", [
+    ({"SHOT": "3"}, ("natural",), "SHOT=3; use SHOT=1 or SHOT=5"),
+    ({"STAGES": "eval"}, ("nosuchrow",), "unknown row nosuchrow"),
+    ({}, (), "usage:")])
+def test_robust_table_script_refuses_bad_input_in_one_line(tmp_path, variables, args, message):
+  out = _robust_table(tmp_path, dict(os.environ), *args, **variables)
+  assert out.returncode == 2 and message in out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1
