@@ -40,14 +40,14 @@ TAG=$(basename "$OUT")
 PYTHON=${PYTHON:-python}
 STAGES=${STAGES:-train eval autoattack certify}
 AA_FLAGS=${AA_FLAGS:---attack_preset=autoattack}
+ROWS="natural aq rmaml adml natural_support aq_support protonet r2d2 metaoptnet protonet_aq r2d2_aq metaoptnet_aq transfer transfer_at"
 if [ "$#" -eq 0 ]; then
-  echo "usage: bash $0 NAME [NAME...]   (natural aq rmaml adml natural_support aq_support" \
-       "protonet r2d2 metaoptnet protonet_aq r2d2_aq metaoptnet_aq transfer transfer_at)" >&2
+  echo "usage: bash $0 NAME [NAME...]   ($ROWS)" >&2
   exit 2
 fi
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+dirs=(); for name in "$@"; do dirs+=("$OUT/$name"); done
 if has table; then
-  dirs=(); for name in "$@"; do dirs+=("$OUT/$name"); done
   "$PYTHON" -m experiments.compare "${dirs[@]}" --markdown --eval_files=eval_test_robust.json \
       --column="summed=eval_test_robust.json:summed_robust_accuracy" \
       --column="per-example=eval_test_robust.json:robust_accuracy" \
@@ -65,7 +65,6 @@ if has table; then
   exit 0
 fi
 if has learners; then
-  dirs=(); for name in "$@"; do dirs+=("$OUT/$name"); done
   "$PYTHON" -m experiments.compare "${dirs[@]}" --markdown --eval_files=eval_test_robust.json \
       --column="per-example=eval_test_robust.json:robust_accuracy" \
       --column="masking checks=eval_test_robust.json:masking_checks" \
@@ -82,8 +81,7 @@ for name in "$@"; do
       objective=aq; bn=batch; learner_flags=(--learner="${name%_aq}") ;;
     transfer|transfer_at) objective=$name; bn=batch
       learner_flags=(--learner=transfer --transfer_classes=4400) ;;
-    *) echo "error: unknown row $name; use natural aq rmaml adml natural_support aq_support" \
-            "protonet r2d2 metaoptnet protonet_aq r2d2_aq metaoptnet_aq transfer transfer_at" >&2
+    *) echo "error: unknown row $name; use $ROWS" >&2
        exit 2 ;;
   esac
   workdir="$RUNS/${PRESET}_$name"
