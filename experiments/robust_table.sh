@@ -13,7 +13,8 @@
 # baseline, clean (transfer) and adversarially trained (transfer_at). SHOT (1 or 5) picks
 # the preset omniglot_5w${SHOT}s. Each trains $STEPS meta-steps in
 # $RUNS/omniglot_5w${SHOT}s_<name> (resuming if it exists); config.json, metrics.jsonl,
-# train.log and the final checkpoint go to $OUT/<name>/, and from there:
+# train.log and the final checkpoint go to $OUT/<name>/ (default
+# $RESULTS/omniglot_5w${SHOT}s_3k, RESULTS=results), and from there:
 #   eval_test_robust.json   600 episodes, L-inf 0.05 and 0.1: PGD-20 (CE), PGD-20 (margin),
 #                           APGD-20 (DLR) on the summed loss, the same aimed at each query
 #                           (--per_example, the default), each query attacked alone
@@ -25,18 +26,22 @@
 #                           (natural and aq rows)
 # STAGES picks what runs (default "train eval autoattack certify"); STAGES=table prints
 # the README's two robustness tables of the named rows from those files
-# (experiments.compare) and writes their figures to results/compare/; STAGES=learners
+# (experiments.compare) and writes their figures to $RESULTS/compare/; STAGES=learners
 # prints the learners table (clean and the per-example worst case, training length and
-# wall time) and writes its figures to results/compare/learners_*.
+# wall time) and writes its figures to $RESULTS/compare/learners_*. With SHOT="1 5" the
+# tables hold each row once per shot that has its folder, with a task column:
+#   SHOT="1 5" STAGES=learners bash experiments/robust_table.sh natural aq protonet_aq
 set -euo pipefail
 SHOT=${SHOT:-1}
-case "$SHOT" in 1|5) ;; *) echo "error: SHOT=$SHOT; use SHOT=1 or SHOT=5" >&2; exit 2 ;; esac
-PRESET=omniglot_5w${SHOT}s
+shots=($SHOT)
+[ "${#shots[@]}" -gt 0 ] || shots=(none)
+for shot in "${shots[@]}"; do
+  case "$shot" in 1|5) ;; *) echo "error: SHOT=$SHOT; use SHOT=1, SHOT=5 or (tables) SHOT=\"1 5\"" >&2; exit 2 ;; esac
+done
 STEPS=${STEPS:-3000}
 DATA_DIR=${DATA_DIR:-../shared/data/omniglot}
 RUNS=${RUNS:-runs}
-OUT=${OUT:-results/${PRESET}_3k}
-TAG=$(basename "$OUT")
+RESULTS=${RESULTS:-results}
 PYTHON=${PYTHON:-python}
 STAGES=${STAGES:-train eval autoattack certify}
 AA_FLAGS=${AA_FLAGS:---attack_preset=autoattack}
@@ -46,7 +51,26 @@ if [ "$#" -eq 0 ]; then
   exit 2
 fi
 has() { [[ " $STAGES " == *" $1 "* ]]; }
-dirs=(); for name in "$@"; do dirs+=("$OUT/$name"); done
+dirs=()
+if [ "${#shots[@]}" -eq 1 ]; then
+  PRESET=omniglot_5w${SHOT}s
+  OUT=${OUT:-$RESULTS/${PRESET}_3k}
+  TAG=$(basename "$OUT")
+  for name in "$@"; do dirs+=("$OUT/$name"); done
+else   # one table of several shots: each row once per shot, where it has been trained
+  if [ -n "${OUT:-}" ] || ! { has table || has learners; }; then
+    echo "error: SHOT=\"$SHOT\" is for STAGES=table or learners, the rows read from" \
+         "\$RESULTS/omniglot_5w<K>s_3k (leave OUT unset); train and evaluate one SHOT at a time" >&2
+    exit 2
+  fi
+  TAG=omniglot_5way_3k
+  for name in "$@"; do
+    for shot in "${shots[@]}"; do
+      d="$RESULTS/omniglot_5w${shot}s_3k/$name"
+      if [ -f "$d/config.json" ]; then dirs+=("$d"); else echo "note: no $d yet; left out" >&2; fi
+    done
+  done
+fi
 if has table; then
   "$PYTHON" -m experiments.compare "${dirs[@]}" --markdown --eval_files=eval_test_robust.json \
       --column="summed=eval_test_robust.json:summed_robust_accuracy" \
@@ -54,7 +78,7 @@ if has table; then
       --column="alone=eval_test_robust.json:alone_robust_accuracy" \
       --column="AutoAttack=eval_test_autoattack.json:robust_accuracy" \
       --column="masking checks=eval_test_robust.json:masking_checks" \
-      --output_dir=results/compare --name="$TAG"
+      --output_dir="$RESULTS/compare" --name="$TAG"
   certified=(); for d in "${dirs[@]}"; do [ -f "$d/certify_test.json" ] && certified+=("$d"); done
   if [ "${#certified[@]}" -gt 0 ]; then
     echo
@@ -68,7 +92,7 @@ if has learners; then
   "$PYTHON" -m experiments.compare "${dirs[@]}" --markdown --eval_files=eval_test_robust.json \
       --column="per-example=eval_test_robust.json:robust_accuracy" \
       --column="masking checks=eval_test_robust.json:masking_checks" \
-      --output_dir=results/compare --name="learners_$TAG"
+      --output_dir="$RESULTS/compare" --name="learners_$TAG"
   exit 0
 fi
 for name in "$@"; do

@@ -130,8 +130,58 @@ def test_robust_table_script_prints_the_learners_table_of_its_rows(two_runs, tmp
     assert (tmp_path / "results" / "compare" / figure).is_file()
 
 
+def test_robust_table_script_puts_both_shots_in_one_table_with_a_task_column(two_runs, tmp_path):
+  """SHOT="1 5": each row once per shot whose folder exists (a note for the others), the
+  task from each config, and the figures' lines named with it."""
+  runs, env = two_runs
+  one, five = tmp_path / "results" / "omniglot_5w1s_3k", tmp_path / "results" / "omniglot_5w5s_3k"
+  for folder, name, run in ((one, "natural", "natural"), (one, "protonet_aq", "aq"),
+                            (five, "natural", "aq")):
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "-r", str(runs[run]), str(folder / name)], check=True)
+  config = json.loads((five / "natural" / "config.json").read_text())
+  (five / "natural" / "config.json").write_text(json.dumps({**config, "k_shot": 5}))
+  out = _robust_table(tmp_path, env, "natural", "protonet_aq", STAGES="learners", SHOT="1 5")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"no results/omniglot_5w5s_3k/protonet_aq yet" in out.stderr
+  lines = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.strip().splitlines()]
+  assert lines[0][:3] == ["run", "task", "model"]
+  n = config["n_way"]
+  assert [line[:2] for line in lines[2:]] == [
+      ["natural", f"{n}-way 1-shot"], ["natural", f"{n}-way 5-shot"], ["protonet_aq", f"{n}-way 1-shot"]]
+  robust = json.loads((five / "natural" / "eval_test_robust.json").read_text())["metrics"]
+  assert lines[3][8] == f"{100 * robust['robust_accuracy@0.1']['mean']:.2f} +- " \
+                        f"{100 * robust['robust_accuracy@0.1']['ci95']:.2f}%"
+  for figure in ("robust_learners_omniglot_5way_3k.png", "val_learners_omniglot_5way_3k.png"):
+    assert (tmp_path / "results" / "compare" / figure).is_file()
+
+
+def test_figures_keep_one_line_per_run_when_two_runs_share_a_name(two_runs, tmp_path, monkeypatch):
+  """The same row at two shots: both lines drawn, each named with its task."""
+  from advmaml.eval import compare
+  runs, _ = two_runs
+  five = tmp_path / "5shot" / "natural"
+  five.parent.mkdir()
+  subprocess.run(["cp", "-r", str(runs["natural"]), str(five)], check=True)
+  config = json.loads((five / "config.json").read_text())
+  (five / "config.json").write_text(json.dumps({**config, "k_shot": 5}))
+  drawn = {}
+  monkeypatch.setattr(compare.plots, "plot_robustness_curve",
+                      lambda curves, path, **kw: drawn.setdefault("robust", sorted(curves)) and path)
+  monkeypatch.setattr(compare.plots, "plot_validation_curves",
+                      lambda curves, path, **kw: drawn.setdefault("val", sorted(curves)) and path)
+  summaries = [compare.summarize(runs["natural"]), compare.summarize(five)]
+  compare.write_figures(summaries, tmp_path)
+  n = config["n_way"]
+  assert drawn["robust"] == drawn["val"] == [f"natural ({n}-way 1-shot)", f"natural ({n}-way 5-shot)"]
+  drawn.clear()
+  compare.write_figures(summaries[:1], tmp_path)   # one task: the plain name
+  assert drawn["val"] == ["natural"]
+
+
 @pytest.mark.parametrize("variables, args, message", [
-    ({"SHOT": "3"}, ("natural",), "SHOT=3; use SHOT=1 or SHOT=5"),
+    ({"SHOT": "3"}, ("natural",), "SHOT=3; use SHOT=1, SHOT=5"),
+    ({"SHOT": "1 5", "STAGES": "eval"}, ("natural",), "train and evaluate one SHOT at a time"),
     ({"STAGES": "eval"}, ("nosuchrow",), "unknown row nosuchrow"),
     ({}, (), "usage:")])
 def test_robust_table_script_refuses_bad_input_in_one_line(tmp_path, variables, args, message):

@@ -2,7 +2,8 @@
 
 Reads, from each workdir:
 
-* ``config.json``: the model and the objective;
+* ``config.json``: the model, the objective and the task (``n_way``-way
+  ``k_shot``-shot; a column of the table only where the runs' tasks differ);
 * ``metrics.jsonl``: the validation curve and the wall time (below);
 * ``eval_test*.json`` (``experiments.evaluate``'s records): the clean accuracy
   (``clean_accuracy``, or ``accuracy`` of a clean-only evaluation) and the
@@ -39,6 +40,7 @@ class CompareError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class RunSummary:
   label: str                 # the workdir's name
+  task: str                  # "5-way 1-shot": the config's n_way and k_shot
   model: str
   objective: str
   steps: int                 # the evaluated checkpoint's step (else the last logged step)
@@ -141,7 +143,8 @@ def summarize(workdir: str | os.PathLike, eval_pattern: str = "eval_test*.json",
     step = max((r["step"] for r in train), default=0)
   robust = {float(m.group(1)): stats for name, stats in metrics.items()
             if (m := _ROBUST.match(name))}
-  return RunSummary(label=workdir.resolve().name, model=config.get("model", "?"),
+  task = f"{config.get('n_way', '?')}-way {config.get('k_shot', '?')}-shot"
+  return RunSummary(label=workdir.resolve().name, task=task, model=config.get("model", "?"),
                     objective=config.get("objective", "?"), steps=int(step),
                     wall_seconds=wall_seconds(train, step),
                     clean=metrics.get("clean_accuracy", metrics.get("accuracy")),
@@ -160,14 +163,22 @@ def _percent(stats: dict | None) -> str:
   return f"{100 * stats['mean']:.2f} +- {100 * stats['ci95']:.2f}%"
 
 
+def _tasks_differ(runs: list[RunSummary]) -> bool:
+  """Whether the runs' names need their tasks beside them (one row at two shots)."""
+  return len({run.task for run in runs}) > 1
+
+
 def table(runs: list[RunSummary], *, markdown: bool = False,
           columns: tuple[Column, ...] = ()) -> str:
-  """One row per run: model, objective, steps, wall time, clean and robust accuracy per
-  epsilon; with ``columns``, those columns instead of the robust accuracy's."""
+  """One row per run: (its task, where the runs' tasks differ), model, objective, steps,
+  wall time, clean and robust accuracy per epsilon; with ``columns``, those columns
+  instead of the robust accuracy's."""
   epsilons = sorted({eps for run in runs for eps in run.robust})
   norms = sorted({run.norm for run in runs if run.norm})
   eps_name = f"{'/'.join(norms)} eps" if norms else "eps"
-  header = ["run", "model", "objective", "meta-steps", "wall time", "clean"]
+  with_task = _tasks_differ(runs)
+  header = ["run", *(["task"] if with_task else []), "model", "objective", "meta-steps",
+            "wall time", "clean"]
   cells = []   # (header, run -> cell)
   if not columns:
     cells = [(f"{eps_name} {eps:g}", lambda run, eps=eps: _percent(run.robust.get(eps)))
@@ -181,8 +192,9 @@ def table(runs: list[RunSummary], *, markdown: bool = False,
                lambda run, c=column, eps=eps: _percent((run.columns.get(c.label) or {}).get(eps)))
               for eps in col_eps]
   header += [h for h, _ in cells]
-  rows = [[run.label, run.model, run.objective, f"{run.steps:,}", _duration(run.wall_seconds),
-           _percent(run.clean), *(cell(run) for _, cell in cells)] for run in runs]
+  rows = [[run.label, *([run.task] if with_task else []), run.model, run.objective,
+           f"{run.steps:,}", _duration(run.wall_seconds), _percent(run.clean),
+           *(cell(run) for _, cell in cells)] for run in runs]
   if markdown:
     lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
@@ -196,8 +208,10 @@ def write_figures(runs: list[RunSummary], folder: str | os.PathLike, name: str =
   val[_<name>].png (validation accuracy against meta-steps); returns the paths written."""
   folder, suffix = pathlib.Path(folder), f"_{name}" if name else ""
   written = []
-  curves = {run.label: {"clean_accuracy": run.clean,
-                        **{f"robust_accuracy@{eps}": s for eps, s in run.robust.items()}}
+  with_task = _tasks_differ(runs)
+  name_of = lambda run: f"{run.label} ({run.task})" if with_task else run.label
+  curves = {name_of(run): {"clean_accuracy": run.clean,
+                           **{f"robust_accuracy@{eps}": s for eps, s in run.robust.items()}}
             for run in runs if run.clean is not None or run.robust}
   curves = {label: {k: v for k, v in m.items() if v is not None} for label, m in curves.items()}
   if curves:
@@ -205,7 +219,7 @@ def write_figures(runs: list[RunSummary], folder: str | os.PathLike, name: str =
     written.append(plots.plot_robustness_curve(curves, folder / f"robust{suffix}.png",
                                                norm="/".join(norms) or None,
                                                title="test accuracy under attack"))
-  val = {run.label: run.val_curve for run in runs if run.val_curve}
+  val = {name_of(run): run.val_curve for run in runs if run.val_curve}
   if val:
     written.append(plots.plot_validation_curves(val, folder / f"val{suffix}.png",
                                                 title="validation accuracy"))
