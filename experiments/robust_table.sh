@@ -70,6 +70,10 @@ else   # one table of several shots: each row once per shot, where it has been t
       if [ -f "$d/config.json" ]; then dirs+=("$d"); else echo "note: no $d yet; left out" >&2; fi
     done
   done
+  if [ "${#dirs[@]}" -eq 0 ]; then
+    echo "error: none of the rows has a folder under $RESULTS/omniglot_5w{${SHOT// /,}}s_3k; train them first" >&2
+    exit 2
+  fi
 fi
 if has table; then
   "$PYTHON" -m experiments.compare "${dirs[@]}" --markdown --eval_files=eval_test_robust.json \
