@@ -130,20 +130,28 @@ def test_robust_table_script_prints_the_learners_table_of_its_rows(two_runs, tmp
     assert (tmp_path / "results" / "compare" / figure).is_file()
 
 
+def _copy_as_five_shot(run: pathlib.Path, dest: pathlib.Path) -> dict:
+  """A copy of a tiny run whose config says k_shot=5 (the same row at another shot);
+  returns the original config."""
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  subprocess.run(["cp", "-r", str(run), str(dest)], check=True)
+  config = json.loads((dest / "config.json").read_text())
+  (dest / "config.json").write_text(json.dumps({**config, "k_shot": 5}))
+  return config
+
+
 def test_robust_table_script_puts_both_shots_in_one_table_with_a_task_column(two_runs, tmp_path):
   """SHOT="1 5": each row once per shot whose folder exists (a note for the others), the
-  task from each config, and the figures' lines named with it."""
+  task from each config, and figures named after both shots."""
   runs, env = two_runs
   one, five = tmp_path / "results" / "omniglot_5w1s_3k", tmp_path / "results" / "omniglot_5w5s_3k"
-  for folder, name, run in ((one, "natural", "natural"), (one, "protonet_aq", "aq"),
-                            (five, "natural", "aq")):
-    folder.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["cp", "-r", str(runs[run]), str(folder / name)], check=True)
-  config = json.loads((five / "natural" / "config.json").read_text())
-  (five / "natural" / "config.json").write_text(json.dumps({**config, "k_shot": 5}))
+  one.mkdir(parents=True)
+  for name, run in (("natural", "natural"), ("protonet_aq", "aq")):
+    subprocess.run(["cp", "-r", str(runs[run]), str(one / name)], check=True)
+  config = _copy_as_five_shot(runs["aq"], five / "natural")
   out = _robust_table(tmp_path, env, "natural", "protonet_aq", STAGES="learners", SHOT="1 5")
   assert out.returncode == 0, out.stderr[-3000:]
-  assert f"no results/omniglot_5w5s_3k/protonet_aq yet" in out.stderr
+  assert "no results/omniglot_5w5s_3k/protonet_aq yet" in out.stderr
   lines = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.strip().splitlines()]
   assert lines[0][:3] == ["run", "task", "model"]
   n = config["n_way"]
@@ -161,10 +169,7 @@ def test_figures_keep_one_line_per_run_when_two_runs_share_a_name(two_runs, tmp_
   from advmaml.eval import compare
   runs, _ = two_runs
   five = tmp_path / "5shot" / "natural"
-  five.parent.mkdir()
-  subprocess.run(["cp", "-r", str(runs["natural"]), str(five)], check=True)
-  config = json.loads((five / "config.json").read_text())
-  (five / "config.json").write_text(json.dumps({**config, "k_shot": 5}))
+  config = _copy_as_five_shot(runs["natural"], five)
   drawn = {}
   monkeypatch.setattr(compare.plots, "plot_robustness_curve",
                       lambda curves, path, **kw: drawn.setdefault("robust", sorted(curves)) and path)
