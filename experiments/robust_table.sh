@@ -18,7 +18,9 @@
 #   eval_test_robust.json   600 episodes, L-inf 0.05 and 0.1: PGD-20 (CE), PGD-20 (margin),
 #                           APGD-20 (DLR) on the summed loss, the same aimed at each query
 #                           (--per_example, the default), each query attacked alone
-#                           (--attack_alone), and the masking checks (black box: Square
+#                           (--attack_alone; 1-shot only: with 25 queries it costs
+#                           2.4x the rest, and no 5-shot table reports it; ALONE=0|1
+#                           overrides), and the masking checks (black box: Square
 #                           with 1000 queries; large epsilon 0.3; loss progress;
 #                           transfer from the natural row)
 #   eval_test_autoattack.json  the same episodes under standard AutoAttack ($AA_FLAGS)
@@ -45,6 +47,8 @@ RESULTS=${RESULTS:-results}
 PYTHON=${PYTHON:-python}
 STAGES=${STAGES:-train eval autoattack certify}
 AA_FLAGS=${AA_FLAGS:---attack_preset=autoattack}
+ALONE=${ALONE:-$([ "$SHOT" = 1 ] && echo 1 || echo 0)}
+case "$ALONE" in 0|1) ;; *) echo "error: ALONE=$ALONE; use ALONE=1 (attack each query alone too) or ALONE=0" >&2; exit 2 ;; esac
 ROWS="natural aq rmaml adml natural_support aq_support protonet r2d2 metaoptnet protonet_aq r2d2_aq metaoptnet_aq transfer transfer_at"
 if [ "$#" -eq 0 ]; then
   echo "usage: bash $0 NAME [NAME...]   ($ROWS)" >&2
@@ -127,12 +131,14 @@ for name in "$@"; do
   common=(--workdir="$out" --data_dir="$DATA_DIR" --episodes=600 --seed=0 --epsilons=0.05,0.1
           --notensorboard --noplot)
   transfer=()
+  alone=()
+  [ "$ALONE" = 1 ] && alone=(--attack_alone)
   if [ "$name" != natural ] && [ -d "$OUT/natural/checkpoints" ]; then
     transfer=(--check_transfer_from="$OUT/natural")
   fi
   if has eval; then
     { time "$PYTHON" -m experiments.evaluate "${common[@]}" --attacks=pgd,margin,apgd \
-        --attack_steps=20 --attack_alone --check_black_box --square_queries=1000 \
+        --attack_steps=20 "${alone[@]}" --check_black_box --square_queries=1000 \
         --check_large_epsilon=0.3 \
         --check_loss_progress "${transfer[@]}" --output="$out/eval_test_robust.json" ; } \
         > "$out/evaluate_robust.log" 2>&1

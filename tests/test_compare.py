@@ -184,10 +184,32 @@ def test_figures_keep_one_line_per_run_when_two_runs_share_a_name(two_runs, tmp_
   assert drawn["val"] == ["natural"]
 
 
+@pytest.mark.parametrize("variables, alone", [
+    ({"SHOT": "1"}, True), ({"SHOT": "5"}, False), ({"SHOT": "5", "ALONE": "1"}, True),
+    ({"SHOT": "1", "ALONE": "0"}, False)])
+def test_robust_table_script_attacks_each_query_alone_for_one_shot_rows_only(tmp_path, variables,
+                                                                             alone):
+  """STAGES=eval: the evaluation's flags as the script passes them (a stand-in PYTHON
+  records them); --attack_alone by default at 1 shot, not at 5, ALONE overriding."""
+  log = tmp_path / "calls.txt"
+  fake = tmp_path / "python"
+  fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+  fake.chmod(0o755)
+  out = subprocess.run(["bash", str(REPO / "experiments" / "robust_table.sh"), "aq"], cwd=tmp_path,
+                       env={**os.environ, "PYTHON": str(fake), "STAGES": "eval", **variables},
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  (call,) = log.read_text().splitlines()
+  assert call.startswith("-m experiments.evaluate")
+  assert ("--attack_alone" in call.split()) == alone
+  assert "--attacks=pgd,margin,apgd" in call and "--attack_steps=20" in call
+
+
 @pytest.mark.parametrize("variables, args, message", [
     ({"SHOT": "3"}, ("natural",), "SHOT=3; use SHOT=1, SHOT=5"),
     ({"SHOT": "1 5", "STAGES": "eval"}, ("natural",), "train and evaluate one SHOT at a time"),
     ({"STAGES": "eval"}, ("nosuchrow",), "unknown row nosuchrow"),
+    ({"STAGES": "eval", "ALONE": "yes"}, ("natural",), "ALONE=yes; use ALONE=1"),
     ({}, (), "usage:")])
 def test_robust_table_script_refuses_bad_input_in_one_line(tmp_path, variables, args, message):
   out = _robust_table(tmp_path, dict(os.environ), *args, **variables)
