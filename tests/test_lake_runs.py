@@ -21,7 +21,7 @@ from advmaml.runtime import host
 from advmaml.config import ConfigError, preset
 from advmaml.data.lake_runs import load_lake_runs
 from advmaml.data.omniglot import DataError
-from advmaml.eval.lake_eval import evaluate_lake, runs_per_call
+from advmaml.eval.lake_eval import PUBLISHED_ERRORS, evaluate_lake, lake_table, runs_per_call
 from advmaml.io.tensorboard_scalars import EVAL_FOLDER
 from advmaml.train.training import build_experiment, initial_state, state_to_tree
 from fake_omniglot import ink_mask, png_bytes
@@ -190,6 +190,27 @@ def test_entry_point_clean_and_under_attack(tmp_path):
   assert shown == {f"lake/{name.replace('accuracy', 'error')}": [(0, pytest.approx(e["mean"]))]
                    for name, e in record["mean_error"].items()}
   assert set(shown) == {"lake/clean_error", "lake/robust_error@1.0", "lake/summed_robust_error@1.0"}
+  # The README's table of that folder, once it holds a training's config and log.
+  (tmp_path / "work" / "config.json").write_text(json.dumps(dataclasses.asdict(lake_cfg())))
+  (tmp_path / "work" / "metrics.jsonl").write_text(
+      '{"step": 50, "split": "train", "steps_per_sec": 0.5}\n'
+      '{"step": 100, "split": "train", "steps_per_sec": 0.25}\n')
+  lines = lake_table([tmp_path / "work"]).splitlines()
+  cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+  assert cells[0] == ["run", "learner", "objective", "meta-steps", "wall time", "clean error",
+                      "error at eps 1"]
+  percent = lambda s: f"{100 * s['mean']:.2f} +- {100 * s['ci95']:.2f}%"
+  assert cells[2] == ["work", "maml", "natural", "100", "5 min",
+                      percent(record["mean_error"]["clean_accuracy"]), "100.00 +- 0.00%"]
+  assert [row[0] for row in cells[3:]] == [name for name, _ in PUBLISHED_ERRORS]
+  assert cells[3][5] == "4.5%" and cells[3][6] == "-"
+  table = subprocess.run([sys.executable, "-m", "experiments.lake_table", str(tmp_path / "work")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert table.returncode == 0 and table.stdout.strip() == "\n".join(lines), table.stderr[-2000:]
+  bad = subprocess.run([sys.executable, "-m", "experiments.lake_table", str(tmp_path / "none")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+  assert len(bad.stderr.strip().splitlines()) == 1 and "config.json is missing" in bad.stderr
 
 
 def test_runs_split_over_devices_give_the_single_device_errors(tmp_path):

@@ -79,7 +79,7 @@ def _column_values(workdir: pathlib.Path, column: Column):
   path = workdir / column.file
   if not path.is_file():
     return None if column.metric == "masking_checks" else {}
-  record = _read_json(path)
+  record = read_json(path)
   if column.metric == "masking_checks":
     results = (record.get("masking_checks") or {}).get("results") or []
     return f"{sum(bool(r.get('passed')) for r in results)}/{len(results)} pass" if results else None
@@ -88,7 +88,7 @@ def _column_values(workdir: pathlib.Path, column: Column):
           if (m := pattern.match(name))}
 
 
-def _read_json(path: pathlib.Path):
+def read_json(path: pathlib.Path):
   try:
     return json.loads(path.read_text(encoding="utf-8"))
   except (OSError, ValueError, UnicodeDecodeError) as e:
@@ -97,7 +97,7 @@ def _read_json(path: pathlib.Path):
 
 def _merged_evaluations(workdir: pathlib.Path, pattern: str) -> tuple[int | None, dict, str | None]:
   """(step, metrics, norm) of the newest checkpoint evaluated by the files matching ``pattern``."""
-  records = [(path, _read_json(path)) for path in sorted(workdir.glob(pattern))]
+  records = [(path, read_json(path)) for path in sorted(workdir.glob(pattern))]
   records = [(p, r) for p, r in records if isinstance(r, dict) and isinstance(r.get("metrics"), dict)]
   if not records:
     return None, {}, None
@@ -133,7 +133,7 @@ def summarize(workdir: str | os.PathLike, eval_pattern: str = "eval_test*.json",
     if not (workdir / name).is_file():
       raise CompareError(f"{workdir / name} is missing; pass training workdirs (each with "
                          "config.json and metrics.jsonl)")
-  config = _read_json(workdir / "config.json")
+  config = read_json(workdir / "config.json")
   records = read_metrics(workdir / METRICS_FILE)
   train = [r for r in records if r.get("split") == "train" and "step" in r]
   val = sorted((r["step"], r["accuracy"], r.get("ci95", float("nan")))
@@ -152,12 +152,12 @@ def summarize(workdir: str | os.PathLike, eval_pattern: str = "eval_test*.json",
                     columns={c.label: _column_values(workdir, c) for c in columns})
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
   minutes = int(round(seconds / 60))
   return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
-def _percent(stats: dict | None) -> str:
+def percent(stats: dict | None) -> str:
   if stats is None:
     return "-"
   return f"{100 * stats['mean']:.2f} +- {100 * stats['ci95']:.2f}%"
@@ -181,7 +181,7 @@ def table(runs: list[RunSummary], *, markdown: bool = False,
             "wall time", "clean"]
   cells = []   # (header, run -> cell)
   if not columns:
-    cells = [(f"{eps_name} {eps:g}", lambda run, eps=eps: _percent(run.robust.get(eps)))
+    cells = [(f"{eps_name} {eps:g}", lambda run, eps=eps: percent(run.robust.get(eps)))
              for eps in epsilons]
   for column in columns:
     if column.metric == "masking_checks":
@@ -189,11 +189,11 @@ def table(runs: list[RunSummary], *, markdown: bool = False,
       continue
     col_eps = sorted({eps for run in runs for eps in (run.columns.get(column.label) or {})})
     cells += [(f"{column.label} {eps:g}",
-               lambda run, c=column, eps=eps: _percent((run.columns.get(c.label) or {}).get(eps)))
+               lambda run, c=column, eps=eps: percent((run.columns.get(c.label) or {}).get(eps)))
               for eps in col_eps]
   header += [h for h, _ in cells]
   rows = [[run.label, *([run.task] if with_task else []), run.model, run.objective,
-           f"{run.steps:,}", _duration(run.wall_seconds), _percent(run.clean),
+           f"{run.steps:,}", duration(run.wall_seconds), percent(run.clean),
            *(cell(run) for _, cell in cells)] for run in runs]
   if markdown:
     lines = [header, ["---"] * len(header), *rows]

@@ -12,6 +12,7 @@ meta-trained on the background alphabets (``--split=lake``) may be scored.
 from __future__ import annotations
 
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -106,3 +107,38 @@ def evaluate_lake(learner, meta_params, cfg, runs: Episode, run_names, *, inner_
              for r, run in enumerate(run_names)}
   return {"per_run": per_run, "mean_error": {name: mean_and_ci95(e) for name, e in errors.items()},
           "inner_steps": inner_steps, "seed": seed}
+
+
+# Published errors on the 20 runs (Lake, Salakhutdinov & Tenenbaum, Science 2015, and
+# Koch et al. 2015 for the Siamese nets), beside which the table prints ours.
+PUBLISHED_ERRORS = (("humans", 4.5), ("convolutional Siamese nets (Koch et al. 2015)", 8.0),
+                    ("modified Hausdorff distance", 38.8))
+
+
+def lake_table(workdirs, *, record_file: str = "eval_lake_runs.json") -> str:
+  """A Markdown table: per workdir its learner, objective, meta-steps, wall time (as
+  :mod:`advmaml.eval.compare` counts them) and its mean error on the runs, clean and at
+  each epsilon of its ``record_file``, with 95% intervals over the 20 runs; then the
+  published errors (clean only). A workdir without the record shows "-"."""
+  from advmaml.eval import compare   # local: compare pulls in matplotlib
+  rows = []
+  for workdir in workdirs:
+    summary = compare.summarize(workdir, eval_pattern=record_file)
+    path = pathlib.Path(workdir) / record_file
+    errors = compare.read_json(path).get("mean_error", {}) if path.is_file() else {}
+    learner = compare.read_json(pathlib.Path(workdir) / "config.json").get("learner", "maml")
+    rows.append((summary, learner, errors))
+  robust = [{float(name.partition("@")[2]): stats for name, stats in errors.items()
+             if name.startswith("robust_accuracy@")} for _, _, errors in rows]
+  epsilons = sorted({eps for by_eps in robust for eps in by_eps})
+  header = ["run", "learner", "objective", "meta-steps", "wall time", "clean error",
+            *(f"error at eps {eps:g}" for eps in epsilons)]
+  lines = [header, ["---"] * len(header)]
+  for (summary, learner, errors), by_eps in zip(rows, robust):
+    lines.append([summary.label, learner, summary.objective, f"{summary.steps:,}",
+                  compare.duration(summary.wall_seconds),
+                  compare.percent(errors.get("clean_accuracy")),
+                  *(compare.percent(by_eps.get(eps)) for eps in epsilons)])
+  for name, error in PUBLISHED_ERRORS:
+    lines.append([name, "-", "published", "-", "-", f"{error:.1f}%", *("-" for _ in epsilons)])
+  return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
