@@ -230,3 +230,33 @@ def test_runs_split_over_devices_give_the_single_device_errors(tmp_path):
   assert records[0]["per_run"] == records[1]["per_run"]
   robust = [r["robust_accuracy@0.1"] for r in records[0]["per_run"].values()]
   assert len(set(robust)) > 1, robust   # not all 0 or 1: the runs differ
+
+
+@pytest.mark.parametrize("variables, args, message", [
+    ({}, ("nosuch",), "unknown row nosuch"),
+    ({"STAGES": "eval", "RUNS_ZIP": "missing.zip"}, ("metaoptnet",), "missing.zip not found"),
+    ({}, (), "usage:")])
+def test_lake_runs_script_refuses_bad_input_in_one_line(tmp_path, variables, args, message):
+  out = subprocess.run(["bash", str(REPO / "experiments" / "lake_runs.sh"), *args], cwd=tmp_path,
+                       env={**os.environ, "PYTHON": "false", **variables}, capture_output=True,
+                       text=True, timeout=60)
+  assert out.returncode == 2 and message in out.stderr, out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_lake_runs_script_passes_the_attacks_and_the_masking_radius(tmp_path):
+  """STAGES=eval: the scoring's flags as the script passes them (a stand-in PYTHON records them)."""
+  log, fake = tmp_path / "calls.txt", tmp_path / "python"
+  fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+  fake.chmod(0o755)
+  runs = write_runs(tmp_path / "all_runs.zip")
+  out = subprocess.run(["bash", str(REPO / "experiments" / "lake_runs.sh"), "metaoptnet_aq"],
+                       cwd=tmp_path, env={**os.environ, "PYTHON": str(fake), "STAGES": "eval",
+                                          "RUNS_ZIP": str(runs)},
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  (call,) = log.read_text().splitlines()
+  args = call.split()
+  assert args[:2] == ["-m", "experiments.evaluate_lake"] and f"--runs={runs}" in args
+  assert "--epsilons=0.05,0.1,0.3" in args and "--attacks=pgd,margin,apgd" in args
+  assert "--workdir=results/omniglot_20w1s_lake/metaoptnet_aq" in args
