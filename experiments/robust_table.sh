@@ -18,8 +18,8 @@
 #   eval_test_robust.json   600 episodes, L-inf 0.05 and 0.1: PGD-20 (CE), PGD-20 (margin),
 #                           APGD-20 (DLR) on the summed loss, the same aimed at each query
 #                           (--per_example, the default), each query attacked alone
-#                           (--attack_alone; 1-shot only: with 25 queries it costs
-#                           2.4x the rest, and no 5-shot table reports it; ALONE=0|1
+#                           (--attack_alone; 1-shot only: with 25 queries it more
+#                           than doubles the work, and no 5-shot table reports it; ALONE=0|1
 #                           overrides), and the masking checks (black box: Square
 #                           with 1000 queries; large epsilon 0.3; loss progress;
 #                           transfer from the natural row)
