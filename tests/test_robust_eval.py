@@ -18,6 +18,7 @@ import json
 import pathlib
 
 import jax
+import matplotlib
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -349,3 +350,28 @@ def test_evaluate_entry_point_with_attacks(tiny_run):
     out = _run("experiments.evaluate", f"--workdir={work}", flag, env=env)
     assert out.returncode != 0 and flag.split("=")[0] in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("num_curves, beside", [(2, False), (13, True)])
+def test_a_table_of_curves_gets_its_legend_beside_the_axes_in_distinct_colours(
+    tmp_path, monkeypatch, num_curves, beside):
+  """Many runs (a README table's figure): the legend leaves the axes, each line its own colour."""
+  metrics = {"clean_accuracy": {"mean": 0.9, "ci95": 0.02, "std": 0.1, "n": 50},
+             "robust_accuracy@0.1": {"mean": 0.2, "ci95": 0.05, "std": 0.2, "n": 50}}
+  figures = []
+  save = plots._save
+  monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
+  curves = {f"run {i}": metrics for i in range(num_curves)}
+  for draw in (lambda p: plots.plot_robustness_curve(curves, p),
+               lambda p: plots.plot_validation_curves(
+                   {name: [(0, 0.5, 0.1), (10, 0.9, 0.05)] for name in curves}, p)):
+    _assert_png(draw(tmp_path / f"{len(figures)}.png"))
+    ax = figures[-1].axes[0]
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == list(curves)
+    renderer = figures[-1].canvas.get_renderer()
+    assert (legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1) == beside
+    lines = [c[0] for c in ax.containers] or [   # errorbar's data lines, or plot's
+        line for line in ax.get_lines() if not line.get_label().startswith("_")]
+    colours = {matplotlib.colors.to_rgba(line.get_color()) for line in lines}
+    assert len(colours) == num_curves

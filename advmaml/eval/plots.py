@@ -12,11 +12,33 @@ import pathlib
 import re
 from typing import Mapping
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 _ROBUST = re.compile(r"^robust_accuracy@(.+)$")
+
+
+# Up to this many lines the legend sits inside the axes; more (a table's worth of
+# runs) go beside it, on a wider figure, in 20 distinct colours instead of 10.
+_LEGEND_INSIDE = 6
+
+
+def _axes(num_lines: int):
+  """(figure, axes) for ``num_lines`` labelled lines."""
+  fig = Figure(figsize=(5.0 + (3.2 if num_lines > _LEGEND_INSIDE else 0.0), 3.6))
+  ax = fig.add_subplot(1, 1, 1)
+  if num_lines > 10:
+    ax.set_prop_cycle(color=[matplotlib.colormaps["tab20"](i) for i in range(20)])
+  return fig, ax
+
+
+def _legend(ax, num_lines: int) -> None:
+  if num_lines > _LEGEND_INSIDE:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", borderaxespad=0.0)
+  else:
+    ax.legend()
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> pathlib.Path:
@@ -76,8 +98,7 @@ def plot_robustness_curve(results: Mapping, path: str | os.PathLike, *, title: s
   or {label: record or metrics} for several curves on one plot.
   """
   curves = _curves(results)
-  fig = Figure(figsize=(5.0, 3.6))
-  ax = fig.add_subplot(1, 1, 1)
+  fig, ax = _axes(len(curves))
   for label, metrics in curves.items():
     eps, mean, ci = robustness_points(metrics)
     if eps.size == 0:
@@ -90,7 +111,7 @@ def plot_robustness_curve(results: Mapping, path: str | os.PathLike, *, title: s
   if title:
     ax.set_title(title)
   if any(curves):
-    ax.legend()
+    _legend(ax, len(curves))
   fig.tight_layout()
   return _save(fig, path)
 
@@ -101,8 +122,7 @@ def plot_validation_curves(curves: Mapping[str, list], path: str | os.PathLike, 
 
   curves: {label: [(step, accuracy, ci95), ...]}, accuracy in [0, 1].
   """
-  fig = Figure(figsize=(5.0, 3.6))
-  ax = fig.add_subplot(1, 1, 1)
+  fig, ax = _axes(len(curves))
   for label, points in curves.items():
     steps, mean, ci = (np.array(c, np.float64) for c in zip(*sorted(points)))
     ci = np.where(np.isfinite(ci), ci, 0.0)   # n=1 has a NaN interval
@@ -113,7 +133,7 @@ def plot_validation_curves(curves: Mapping[str, list], path: str | os.PathLike, 
   ax.grid(True, alpha=0.3)
   if title:
     ax.set_title(title)
-  ax.legend()
+  _legend(ax, len(curves))
   fig.tight_layout()
   return _save(fig, path)
 
