@@ -30,7 +30,6 @@ import re
 from advmaml.eval import plots
 from advmaml.io.workdir import METRICS_FILE, read_metrics
 
-_ROBUST = re.compile(r"^robust_accuracy@(.+)$")
 
 
 class CompareError(ValueError):
@@ -83,9 +82,14 @@ def _column_values(workdir: pathlib.Path, column: Column):
   if column.metric == "masking_checks":
     results = (record.get("masking_checks") or {}).get("results") or []
     return f"{sum(bool(r.get('passed')) for r in results)}/{len(results)} pass" if results else None
-  pattern = re.compile(rf"^{re.escape(column.metric)}@(.+)$")
-  return {float(m.group(1)): stats for name, stats in record.get("metrics", {}).items()
-          if (m := pattern.match(name))}
+  return by_epsilon(record.get("metrics", {}), column.metric)
+
+
+def by_epsilon(metrics: dict, metric: str = "robust_accuracy") -> dict:
+  """{eps: stats} of the ``<metric>@<eps>`` entries of an evaluation's metrics, by epsilon."""
+  pattern = re.compile(rf"^{re.escape(metric)}@(.+)$")
+  return dict(sorted((float(m.group(1)), stats) for name, stats in metrics.items()
+                     if (m := pattern.match(name))))
 
 
 def read_json(path: pathlib.Path):
@@ -141,14 +145,12 @@ def summarize(workdir: str | os.PathLike, eval_pattern: str = "eval_test*.json",
   step, metrics, norm = _merged_evaluations(workdir, eval_pattern)
   if step is None:
     step = max((r["step"] for r in train), default=0)
-  robust = {float(m.group(1)): stats for name, stats in metrics.items()
-            if (m := _ROBUST.match(name))}
   task = f"{config.get('n_way', '?')}-way {config.get('k_shot', '?')}-shot"
   return RunSummary(label=workdir.resolve().name, task=task, model=config.get("model", "?"),
                     objective=config.get("objective", "?"), steps=int(step),
                     wall_seconds=wall_seconds(train, step),
                     clean=metrics.get("clean_accuracy", metrics.get("accuracy")),
-                    robust=dict(sorted(robust.items())), norm=norm, val_curve=val,
+                    robust=by_epsilon(metrics), norm=norm, val_curve=val,
                     columns={c.label: _column_values(workdir, c) for c in columns})
 
 

@@ -128,8 +128,7 @@ def lake_table(workdirs, *, record_file: str = "eval_lake_runs.json") -> str:
     errors = compare.read_json(path).get("mean_error", {}) if path.is_file() else {}
     learner = compare.read_json(pathlib.Path(workdir) / "config.json").get("learner", "maml")
     rows.append((summary, learner, errors))
-  robust = [{float(name.partition("@")[2]): stats for name, stats in errors.items()
-             if name.startswith("robust_accuracy@")} for _, _, errors in rows]
+  robust = [compare.by_epsilon(errors) for _, _, errors in rows]   # error stats by epsilon
   epsilons = sorted({eps for by_eps in robust for eps in by_eps})
   header = ["run", "learner", "objective", "meta-steps", "wall time", "clean error",
             *(f"error at eps {eps:g}" for eps in epsilons)]
