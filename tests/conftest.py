@@ -58,6 +58,19 @@ def run_module(module: str, *args: str, env: dict) -> subprocess.CompletedProces
                         capture_output=True, text=True, timeout=300)
 
 
+def run_script_recording_python(script: str, *args: str, cwd: pathlib.Path,
+                                **variables: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+  """``bash experiments/<script> args`` in ``cwd`` with a stand-in PYTHON that only
+  records its arguments: (the script's outcome, one line per python call)."""
+  log, fake = cwd / "python_calls.txt", cwd / "python"
+  fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+  fake.chmod(0o755)
+  out = subprocess.run(["bash", str(REPO / "experiments" / script), *args], cwd=cwd,
+                       env={**os.environ, "PYTHON": str(fake), **variables},
+                       capture_output=True, text=True, timeout=60)
+  return out, log.read_text().splitlines() if log.exists() else []
+
+
 @pytest.fixture(scope="session")
 def tiny_run(fake_omniglot_dir, tmp_path_factory) -> tuple[pathlib.Path, dict]:
   """(workdir, env): a 2-step ``--preset=tiny`` training on the fake Omniglot, and the

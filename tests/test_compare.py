@@ -13,6 +13,7 @@ from PIL import Image
 
 from advmaml.eval.compare import wall_seconds
 from advmaml.config import preset
+from conftest import run_script_recording_python
 from advmaml.train.training import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -191,15 +192,10 @@ def test_robust_table_script_attacks_each_query_alone_for_one_shot_rows_only(tmp
                                                                              alone):
   """STAGES=eval: the evaluation's flags as the script passes them (a stand-in PYTHON
   records them); --attack_alone by default at 1 shot, not at 5, ALONE overriding."""
-  log = tmp_path / "calls.txt"
-  fake = tmp_path / "python"
-  fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
-  fake.chmod(0o755)
-  out = subprocess.run(["bash", str(REPO / "experiments" / "robust_table.sh"), "aq"], cwd=tmp_path,
-                       env={**os.environ, "PYTHON": str(fake), "STAGES": "eval", **variables},
-                       capture_output=True, text=True, timeout=60)
+  out, calls = run_script_recording_python("robust_table.sh", "aq", cwd=tmp_path, STAGES="eval",
+                                           **variables)
   assert out.returncode == 0, out.stderr
-  (call,) = log.read_text().splitlines()
+  (call,) = calls
   assert call.startswith("-m experiments.evaluate")
   assert ("--attack_alone" in call.split()) == alone
   assert "--attacks=pgd,margin,apgd" in call and "--attack_steps=20" in call

@@ -25,6 +25,7 @@ from advmaml.eval.lake_eval import PUBLISHED_ERRORS, evaluate_lake, lake_table, 
 from advmaml.io.tensorboard_scalars import EVAL_FOLDER
 from advmaml.train.training import build_experiment, initial_state, state_to_tree
 from fake_omniglot import ink_mask, png_bytes
+from conftest import run_script_recording_python
 from simulated_devices import run_on_devices
 from test_tensorboard_scalars import scalars_as_tensorboard_shows
 
@@ -246,16 +247,11 @@ def test_lake_runs_script_refuses_bad_input_in_one_line(tmp_path, variables, arg
 
 def test_lake_runs_script_passes_the_attacks_and_the_masking_radius(tmp_path):
   """STAGES=eval: the scoring's flags as the script passes them (a stand-in PYTHON records them)."""
-  log, fake = tmp_path / "calls.txt", tmp_path / "python"
-  fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
-  fake.chmod(0o755)
   runs = write_runs(tmp_path / "all_runs.zip")
-  out = subprocess.run(["bash", str(REPO / "experiments" / "lake_runs.sh"), "metaoptnet_aq"],
-                       cwd=tmp_path, env={**os.environ, "PYTHON": str(fake), "STAGES": "eval",
-                                          "RUNS_ZIP": str(runs)},
-                       capture_output=True, text=True, timeout=60)
+  out, calls = run_script_recording_python("lake_runs.sh", "metaoptnet_aq", cwd=tmp_path,
+                                           STAGES="eval", RUNS_ZIP=str(runs))
   assert out.returncode == 0, out.stderr
-  (call,) = log.read_text().splitlines()
+  (call,) = calls
   args = call.split()
   assert args[:2] == ["-m", "experiments.evaluate_lake"] and f"--runs={runs}" in args
   assert "--epsilons=0.05,0.1,0.3" in args and "--attacks=pgd,margin,apgd" in args

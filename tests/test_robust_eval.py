@@ -18,8 +18,8 @@ import json
 import pathlib
 
 import jax
-import matplotlib
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
 import optax
 import pytest
