@@ -22,6 +22,13 @@ scalars at the checkpoint's step (test/accuracy, test/robust_accuracy@<eps>,
 ...; eval_val/... and eval_train/... on those splits) in
 <workdir>/tensorboard/evaluation/; --notensorboard turns it off.
 
+An interrupted evaluation resumes: after every batch of episodes the
+per-episode results are kept in <output stem>.partial.npz beside the output,
+and a later run with the same attack and masking flags, checkpoint, data,
+split, seed and inner steps starts after them (other flags or another
+checkpoint: it starts over); the file is deleted once the JSON is written.
+--noresume neither reads nor keeps it.
+
 Gradient-masking checks (experiments/masking_flags.py, advmaml/eval/masking.py),
 each off unless its flag is given, add their numbers to "metrics"
 (masking/...) and their verdicts under "masking_checks"; a failed check is
@@ -36,6 +43,7 @@ logged as a warning naming it:
 from advmaml.runtime import host
 HOST_DEVICES = host.use_all_cpu_cores()
 
+import json
 import pathlib
 
 import jax
@@ -43,15 +51,29 @@ from absl import app, flags, logging
 
 from advmaml.eval import masking, plots, robust_eval
 from advmaml.eval.evaluation import evaluation_episode
+from advmaml.io import partial_results
 from advmaml.io.tensorboard_scalars import evaluation_prefix
 from advmaml.eval.trained_runs import evaluate_trained, load_trained, test_learner, write_json
 from experiments.attack_flags import (AttackSettings, attack_record, attack_settings_from_flags,
                                       metric_fn_from_settings)
-from experiments import cli, masking_flags, run_flags, tensorboard_flag
+from experiments import attack_flags, cli, masking_flags, run_flags, tensorboard_flag
 from experiments.run_flags import (DATA_DIR, EPISODES, INNER_STEPS, NUM_DEVICES, SEED, SPLIT,
                                    WORKDIR)
 
 OUTPUT = flags.DEFINE_string("output", None, "JSON output path (default <workdir>/eval_<split>.json).")
+RESUME = flags.DEFINE_bool(
+    "resume", True, "Keep finished episodes in <output stem>.partial.npz and go on from that "
+    "file if an interrupted run of the same evaluation left it.")
+# Flags that change what is drawn or plotted, not the per-episode numbers.
+_NOT_IN_IDENTITY = ("plot", "per_example_chunk")
+
+
+def _settings_identity() -> str:
+  """The attack and masking flags, which (with what evaluate_trained adds) decide the results."""
+  by_module = flags.FLAGS.flags_by_module_dict()
+  values = {f.name: f.value for module in (attack_flags, masking_flags)
+            for f in by_module.get(module.__name__, ()) if f.name not in _NOT_IN_IDENTITY}
+  return json.dumps(values, sort_keys=True, default=str)
 
 
 def _write_plots(run, splits, record, settings: AttackSettings, folder: pathlib.Path) -> list[str]:
@@ -87,6 +109,12 @@ def _write_scalars(record: dict) -> None:
       {name: stats["mean"] for name, stats in record["metrics"].items()})
 
 
+def _finish(partial: pathlib.Path | None) -> None:
+  """The results are in the JSON: the episodes kept for a resume are not needed."""
+  if partial is not None:
+    partial_results.remove(partial)
+
+
 def _main():
   logging.info(HOST_DEVICES)
   run_flags.check_run_flags()
@@ -101,13 +129,18 @@ def _main():
   if checks is not None:
     metric_fn = masking.with_masking_metrics(metric_fn, checks.checks)
     metric_params = checks.metric_params(run)
+  output = cli.output_path(WORKDIR.value, OUTPUT.value, f"eval_{SPLIT.value}.json")
+  partial = pathlib.Path(output).with_suffix(".partial.npz") if RESUME.value else None
+  if partial is not None:
+    partial.parent.mkdir(parents=True, exist_ok=True)
   record = evaluate_trained(run, splits, split=SPLIT.value, num_episodes=EPISODES.value,
                             seed=SEED.value, inner_steps=INNER_STEPS.value, metric_fn=metric_fn,
-                            num_devices=NUM_DEVICES.value, metric_params=metric_params)
-  output = cli.output_path(WORKDIR.value, OUTPUT.value, f"eval_{SPLIT.value}.json")
+                            num_devices=NUM_DEVICES.value, metric_params=metric_params,
+                            partial_path=partial, settings=_settings_identity())
   folder = cli.run_folder(WORKDIR.value)
   if not settings.epsilons:
     write_json(output, record)
+    _finish(partial)
     _write_scalars(record)
     acc = record["metrics"]["accuracy"]
     logging.info("%s accuracy over %d episodes: %.2f%% +- %.2f%% (95%% CI); written to %s",
@@ -119,6 +152,7 @@ def _main():
   if settings.plot:
     record["plots"] = _write_plots(run, splits, record, settings, folder)
   write_json(output, record)
+  _finish(partial)
   _write_scalars(record)
   clean = record["metrics"]["clean_accuracy"]
   logging.info("%s clean accuracy over %d episodes: %.2f%% +- %.2f%% (95%% CI)",

@@ -36,3 +36,14 @@ def test_a_multi_batch_evaluation_logs_progress_with_rate_and_time_left(caplog, 
 def test_a_short_evaluation_logs_no_progress(caplog):
   assert progress.EVERY_SECONDS == 30.0
   assert _evaluate(caplog, 5) == []   # seconds, not minutes: no lines (training's validation)
+
+
+def test_a_resumed_loop_rates_only_its_own_work(caplog, monkeypatch):
+  now = [100.0]
+  monkeypatch.setattr(progress.time, "time", lambda: now[0])
+  bar = progress.Progress("evaluation", 100, "episodes", every_seconds=0.0, done=80)
+  now[0] = 110.0
+  with caplog.at_level(logging.INFO):
+    bar.update(90)                               # 10 episodes in 10 s, not 90
+  (line,) = [r.getMessage() for r in caplog.records]
+  assert "90/100 episodes (90%) | 1.00 episodes/s" in line and "left 0h00m10s" in line

@@ -5,6 +5,7 @@
 3. One writer per workdir.
 4. Every bad newest checkpoint is skipped with a reason and the previous good one used.
 5. One-line messages, not tracebacks; nothing rewritten before validation passes.
+6. An interrupted evaluation resumes after its finished batches, and only the same evaluation.
 """
 
 from __future__ import annotations
@@ -405,3 +406,81 @@ def test_a_refused_resume_leaves_config_json_as_it_was(tiny, tmp_path):
   with pytest.raises(ConfigError):
     train(tiny.replace(num_steps=4, inner_lr=0.01), work)
   assert (work / "config.json").read_bytes() == before
+
+
+# -- 6. an interrupted evaluation resumes --------------------------------------
+
+
+def _count_batches(monkeypatch) -> list[int]:
+  """Records the first episode of every batch the evaluation computes."""
+  from advmaml.eval import evaluation
+  starts, real = [], evaluation._evaluate_batch
+
+  def counted(meta_params, pool, key, start, **kwargs):
+    starts.append(int(start))
+    return real(meta_params, pool, key, start, **kwargs)
+  monkeypatch.setattr(evaluation, "_evaluate_batch", counted)
+  return starts
+
+
+def test_an_interrupted_evaluation_resumes_after_its_finished_batches(tiny, tmp_path, monkeypatch,
+                                                                      caplog):
+  from advmaml.io import partial_results
+  caplog.set_level(logging.INFO, logger="absl")
+  train(tiny.replace(num_steps=2), tmp_path / "run")
+  run, splits = load_trained(tmp_path / "run")
+  metrics = lambda record: record["metrics"]
+  straight = evaluate_trained(run, splits, num_episodes=10)     # batches of 4: 0, 4, 8
+  partial = tmp_path / "eval.partial.npz"
+  real_save = partial_results.save
+
+  def save_then_die(path, identity, per_episode):
+    real_save(path, identity, per_episode)
+    if len(per_episode["accuracy"]) == 8:
+      raise _Killed
+  monkeypatch.setattr(partial_results, "save", save_then_die)
+  with pytest.raises(_Killed):
+    evaluate_trained(run, splits, num_episodes=10, partial_path=partial, settings="clean")
+  monkeypatch.setattr(partial_results, "save", real_save)
+
+  starts = _count_batches(monkeypatch)
+  resumed = evaluate_trained(run, splits, num_episodes=10, partial_path=partial, settings="clean")
+  assert starts == [8] and "8 episodes already evaluated" in caplog.text
+  assert metrics(resumed) == metrics(straight)
+  with np.load(partial) as kept:                 # all 10 now, for a longer evaluation to extend
+    assert kept["accuracy"].shape == (10,)
+
+  # The kept episodes are what it reports (doctored ones show in the mean, nothing recomputed)...
+  with np.load(partial) as kept:
+    identity = str(kept["__identity__"])
+  real_save(partial, identity, {"accuracy": np.full(10, 0.5, np.float32)})
+  starts.clear()
+  doctored = evaluate_trained(run, splits, num_episodes=10, partial_path=partial, settings="clean")
+  assert starts == [] and doctored["metrics"]["accuracy"]["mean"] == 0.5
+  # ... but only by the same evaluation: other settings start over.
+  caplog.clear()
+  other = evaluate_trained(run, splits, num_episodes=10, partial_path=partial, settings="other")
+  assert starts == [0, 4, 8] and "another evaluation's episodes" in caplog.text
+  assert metrics(other) == metrics(straight)
+
+
+def test_the_evaluate_command_resumes_and_then_removes_its_partial_file(tiny_run, tmp_path):
+  work, env = tiny_run
+  output = tmp_path / "eval.json"
+  output.mkdir()                                  # the JSON cannot be written: the run fails...
+  args = ("experiments.evaluate", f"--workdir={work}", f"--output={output}", "--episodes=6",
+          "--notensorboard")
+  out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert_one_line_error(out, str(output))
+  partial = tmp_path / "eval.partial.npz"
+  assert partial.exists()                         # ... after keeping its 6 episodes
+  output.rmdir()
+  out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "6 episodes already evaluated" in out.stderr
+  assert not partial.exists()
+  run, splits = load_trained(work)
+  assert json.loads(output.read_text())["metrics"] == evaluate_trained(
+      run, splits, num_episodes=6)["metrics"]

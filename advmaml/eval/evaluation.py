@@ -2,7 +2,8 @@
 
 Episode ``i`` is always drawn from ``fold_in(key, i)``, so results depend only
 on the seed and the number of episodes, not on how many episodes are batched
-into one jitted call.
+into one jitted call, nor on whether an interrupted evaluation resumed from
+the episodes it had finished (``partial_path``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from advmaml.runtime import sharding
 from advmaml.data.episodes import Episode, sample_episode
 from advmaml.learners.base import FewShotLearner as Learner, adapt_key, query_loss
 from advmaml.train.meta_step import AUTO_TASK_CHUNK, resolve_task_chunk
+from advmaml.io import partial_results
 from advmaml.io.progress import Progress
 
 # (learner, meta_params, episode, key) -> dict of per-episode scalars.
@@ -103,7 +105,7 @@ def _evaluate_batch(meta_params, pool, key, start, *, learner, metric_fn, n_way,
 def evaluate_episodes(learner: Learner, meta_params: dict, pool, key, *, num_episodes: int,
                       n_way: int, k_shot: int, q_query: int,
                       batch_tasks: int = 50, metric_fn: EpisodeMetricFn | None = None,
-                      mesh: Mesh | None = None) -> dict:
+                      mesh: Mesh | None = None, partial_path=None, identity: str = "") -> dict:
   """Runs ``num_episodes`` episodes; returns {metric: {"mean", "ci95", "std", "n"}}.
 
   learner: the learner as evaluated (``make_learner(..., phase="test")``: e.g.
@@ -111,7 +113,11 @@ def evaluate_episodes(learner: Learner, meta_params: dict, pool, key, *, num_epi
   ``metric_fn`` defaults to clean accuracy; it must be hashable
   (a module-level function or a ``functools.partial`` of one). mesh: optional
   "tasks" mesh (``sharding.make_mesh``) whose devices split each call's episodes;
-  the results do not depend on it.
+  the results do not depend on it. partial_path: optional file that keeps the
+  per-episode results after every call (:mod:`advmaml.io.partial_results`);
+  an evaluation finding it there with the same ``identity`` (a string naming
+  everything its results depend on: the caller's settings, checkpoint, data)
+  starts after its episodes. The caller removes it once the results are kept.
   """
   if metric_fn is None:
     metric_fn = clean_accuracy
@@ -122,15 +128,25 @@ def evaluate_episodes(learner: Learner, meta_params: dict, pool, key, *, num_epi
   batch_tasks = -(-min(batch_tasks, num_episodes) // devices) * devices
   pool = sharding.replicate(jnp.asarray(pool), mesh)
   meta_params = sharding.replicate(meta_params, mesh)
-  chunks = []
+  done = partial_results.load(partial_path, identity) if partial_path is not None else {}
+  # A longer evaluation's first episodes are this one's (episode i depends on i alone).
+  chunks = [{name: v[:num_episodes] for name, v in done.items()}] if done else []
+  first = len(next(iter(done.values()))[:num_episodes]) if done else 0
   # A line every progress.EVERY_SECONDS (600 episodes under attack take minutes).
-  progress = Progress("evaluation", num_episodes, "episodes")
-  for start in range(0, num_episodes, batch_tasks):
+  progress = Progress("evaluation", num_episodes, "episodes", done=first)
+  for start in range(first, num_episodes, batch_tasks):
     out = _evaluate_batch(meta_params, pool, key, start, learner=learner, metric_fn=metric_fn,
                           n_way=n_way, k_shot=k_shot, q_query=q_query, batch_tasks=batch_tasks,
                           mesh=mesh)
     chunks.append(jax.device_get(out))
+    if partial_path is not None:
+      partial_results.save(partial_path, identity, _concatenate(chunks, num_episodes))
     progress.update(min(start + batch_tasks, num_episodes))
-  per_episode = {name: np.concatenate([c[name] for c in chunks])[:num_episodes]
-                 for name in chunks[0]}
+  per_episode = _concatenate(chunks, num_episodes)
   return {name: mean_and_ci95(values) for name, values in per_episode.items()}
+
+
+def _concatenate(chunks: list[dict], num_episodes: int) -> dict:
+  """{name: (num_episodes,)} of the chunks' {name: (n_i,)} (a last batch's extra episodes dropped)."""
+  return {name: np.concatenate([np.asarray(c[name]) for c in chunks])[:num_episodes]
+          for name in chunks[0]}

@@ -11,7 +11,7 @@ import jax
 from absl import logging
 from jax.sharding import Mesh
 
-from advmaml.io import checkpoint
+from advmaml.io import checkpoint, partial_results
 from advmaml.runtime import sharding
 from advmaml.config import Config, ConfigError, validate_against_data
 from advmaml.data.sources import load_class_splits
@@ -105,13 +105,18 @@ def evaluation_mesh(num_devices: int, what: str = "Evaluation episodes") -> Mesh
 
 def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_episodes: int | None = None,
                      seed: int = 0, inner_steps: int | None = None, metric_fn=None,
-                     num_devices: int = 0, metric_params=None) -> dict:
+                     num_devices: int = 0, metric_params=None, partial_path=None,
+                     settings: str = "") -> dict:
   """Mean accuracy (and any other per-episode metric) with 95% intervals on ``split``.
 
   metric_params: the pytree ``metric_fn`` gets as its meta_params (default
   ``run.meta_params``; the masking checks pass (target, surrogate)).
   num_devices: devices each call's episodes are split over (0: all local ones);
-  the results do not depend on it.
+  the results do not depend on it. partial_path: keeps the finished episodes
+  there and resumes from them (``evaluate_episodes``); the evaluation's
+  identity is ``settings`` (the caller's description of metric_fn: its flags),
+  the split, seed, inner steps, episode shape, and a digest of the parameters
+  evaluated, so that only the same evaluation of the same checkpoint resumes.
   """
   cfg = run.cfg
   if split not in splits:
@@ -125,11 +130,18 @@ def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_
   # The same network with its kernels sized for this layout's share of the cores per device.
   learner = test_learner(cfg, inner_steps=inner_steps, num_devices=sharding.device_count(mesh))
   check_outputs_finite(run, first, learner)
+  params = run.meta_params if metric_params is None else metric_params
+  identity = ""
+  if partial_path is not None:
+    identity = json.dumps({
+        "settings": settings, "split": split, "seed": seed, "inner_steps": inner_steps,
+        "config": dataclasses.asdict(cfg), "params": partial_results.tree_digest(params),
+        "pool": partial_results.tree_digest(splits[split].images)}, sort_keys=True, default=str)
   results = evaluate_episodes(
-      learner, run.meta_params if metric_params is None else metric_params,
-      splits[split].images, jax.random.key(seed),
+      learner, params, splits[split].images, jax.random.key(seed),
       num_episodes=num_episodes, n_way=cfg.n_way, k_shot=cfg.k_shot, q_query=cfg.eval_q_query,
-      batch_tasks=cfg.eval_batch_tasks, metric_fn=metric_fn, mesh=mesh)
+      batch_tasks=cfg.eval_batch_tasks, metric_fn=metric_fn, mesh=mesh,
+      partial_path=partial_path, identity=identity)
   return {"checkpoint": run.source, "step": run.step, "split": split, "protocol": cfg.split,
           "num_episodes": num_episodes, "seed": seed, "inner_steps": inner_steps,
           "n_way": cfg.n_way, "k_shot": cfg.k_shot, "q_query": cfg.eval_q_query,

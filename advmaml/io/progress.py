@@ -21,13 +21,19 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-  """``update(done)`` after each iteration; logs "<what>: done/total <unit> (..%) | rate | elapsed | left"."""
+  """``update(done)`` after each iteration; logs "<what>: done/total <unit> (..%) | rate | elapsed | left".
 
-  def __init__(self, what: str, total: int, unit: str, every_seconds: float | None = None):
+  done: the count already reached when the loop starts (a resumed loop's rate
+  and time left count only this process's work).
+  """
+
+  def __init__(self, what: str, total: int, unit: str, every_seconds: float | None = None,
+               done: int = 0):
     self.what, self.total, self.unit = what, total, unit
     self.every = EVERY_SECONDS if every_seconds is None else every_seconds
     self.start = self._last = time.time()
     self.lines = 0
+    self.initial = done
 
   def update(self, done: int) -> None:
     now = time.time()
@@ -36,7 +42,7 @@ class Progress:
       return
     self._last, self.lines = now, self.lines + 1
     elapsed = now - self.start
-    rate = done / max(elapsed, 1e-9)
+    rate = (done - self.initial) / max(elapsed, 1e-9)
     logging.info("%s: %d/%d %s (%.0f%%) | %.2f %s/s | elapsed %s | left %s", self.what, done,
                  self.total, self.unit, 100 * done / max(self.total, 1), rate, self.unit,
                  format_duration(elapsed), format_duration((self.total - done) / max(rate, 1e-9)))

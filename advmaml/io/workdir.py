@@ -34,13 +34,14 @@ class WorkdirError(Exception):
 
 def describe_os_error(e: OSError, action: str = "write") -> str:
   """One line for an OSError: the file, the reason, and what to do about it."""
-  where = e.filename or "the workdir"
+  # A rename's destination (filename2) is the path the user named, not our temp file.
+  where = e.filename2 or e.filename or "the workdir"
   if e.errno == errno.ENOSPC:
     fix = "free disk space (or use a --workdir on another disk), then rerun the same command"
   elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
     fix = "use a --workdir you can write to"
   else:
-    fix = "check the path, or use another --workdir"
+    fix = "check the path, or use another --workdir (or --output)"
   return f"cannot {action} {where}: {e.strerror or e}; {fix}"
 
 
