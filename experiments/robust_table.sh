@@ -141,11 +141,11 @@ for name in "$@"; do
         --attack_steps=20 "${alone[@]}" --check_black_box --square_queries=1000 \
         --check_large_epsilon=0.3 \
         --check_loss_progress "${transfer[@]}" --output="$out/eval_test_robust.json" ; } \
-        > "$out/evaluate_robust.log" 2>&1
+        >> "$out/evaluate_robust.log" 2>&1   # appended: a stopped evaluation resumes
   fi
   if has autoattack; then
     { time "$PYTHON" -m experiments.evaluate "${common[@]}" --attacks=autoattack $AA_FLAGS \
-        --output="$out/eval_test_autoattack.json" ; } > "$out/evaluate_autoattack.log" 2>&1
+        --output="$out/eval_test_autoattack.json" ; } >> "$out/evaluate_autoattack.log" 2>&1
   fi
   if has certify && { [ "$name" = natural ] || [ "$name" = aq ]; }; then
     { time "$PYTHON" -m experiments.certify --workdir="$out" --data_dir="$DATA_DIR" \
