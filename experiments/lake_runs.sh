@@ -16,6 +16,7 @@
 # STAGES picks what runs (default "train eval"); STAGES=table prints the README's table
 # of the named rows beside the published errors (experiments.lake_table).
 set -euo pipefail
+source "$(dirname "$0")/keep_run.sh"
 STEPS=${STEPS:-3000}
 DATA_DIR=${DATA_DIR:-../shared/data/omniglot}
 RUNS_ZIP=${RUNS_ZIP:-$DATA_DIR/all_runs.zip}
@@ -60,9 +61,7 @@ for name in "$@"; do
         --workdir="$workdir" --data_dir="$DATA_DIR" --num_steps="$STEPS" \
         --checkpoint_every=250 --keep_checkpoints=2 --log_every=50 --eval_every=1000 ; } \
         >> "$out/train.log" 2>&1
-    cp "$workdir/config.json" "$workdir/metrics.jsonl" "$out/"
-    rm -rf "$out/checkpoints" && mkdir -p "$out/checkpoints"
-    cp -r "$workdir/checkpoints/$STEPS" "$out/checkpoints/"
+    keep_run "$workdir" "$out" "$STEPS"
   fi
   if has eval; then
     { time "$PYTHON" -m experiments.evaluate_lake --runs="$RUNS_ZIP" --workdir="$out" \

@@ -34,6 +34,7 @@
 # tables hold each row once per shot that has its folder, with a task column:
 #   SHOT="1 5" STAGES=learners bash experiments/robust_table.sh natural aq protonet_aq
 set -euo pipefail
+source "$(dirname "$0")/keep_run.sh"
 SHOT=${SHOT:-1}
 shots=($SHOT)
 [ "${#shots[@]}" -gt 0 ] || shots=(none)
@@ -124,9 +125,7 @@ for name in "$@"; do
         --batch_norm="$bn" "${learner_flags[@]}" --workdir="$workdir" --data_dir="$DATA_DIR" --num_steps="$STEPS" \
         --checkpoint_every=250 --keep_checkpoints=2 --log_every=50 --eval_every=1000 ; } \
         >> "$out/train.log" 2>&1
-    cp "$workdir/config.json" "$workdir/metrics.jsonl" "$out/"
-    rm -rf "$out/checkpoints" && mkdir -p "$out/checkpoints"
-    cp -r "$workdir/checkpoints/$STEPS" "$out/checkpoints/"
+    keep_run "$workdir" "$out" "$STEPS"
   fi
   common=(--workdir="$out" --data_dir="$DATA_DIR" --episodes=600 --seed=0 --epsilons=0.05,0.1
           --notensorboard --noplot)

@@ -211,3 +211,32 @@ def test_robust_table_script_refuses_bad_input_in_one_line(tmp_path, variables, 
   out = _robust_table(tmp_path, dict(os.environ), *args, **variables)
   assert out.returncode == 2 and message in out.stderr
   assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_robust_table_script_keeps_only_the_final_checkpoint_in_results(tmp_path):
+  """STAGES=train (a stand-in PYTHON; the workdir as a training leaves it): config.json,
+  metrics.jsonl and checkpoint $STEPS replace the results folder's, no temp names left."""
+  work = tmp_path / "runs" / "omniglot_5w1s_aq"
+  for step in (2750, 3000):
+    (work / "checkpoints" / str(step)).mkdir(parents=True)
+    (work / "checkpoints" / str(step) / "state.pkl").write_text(f"step {step}")
+  (work / "config.json").write_text("new config")
+  (work / "metrics.jsonl").write_text("new metrics")
+  kept = tmp_path / "out" / "aq"
+  (kept / "checkpoints" / "1000").mkdir(parents=True)       # an earlier, shorter run's
+  (kept / "config.json").write_text("old config")
+  out, calls = run_script_recording_python("robust_table.sh", "aq", cwd=tmp_path, STAGES="train",
+                                           RUNS=str(tmp_path / "runs"), OUT=str(tmp_path / "out"))
+  assert out.returncode == 0, out.stderr
+  assert len(calls) == 1 and calls[0].startswith("-m experiments.train")
+  assert sorted(p.name for p in kept.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl",
+                                                    "train.log"]
+  assert [p.name for p in (kept / "checkpoints").iterdir()] == ["3000"]
+  assert (kept / "checkpoints" / "3000" / "state.pkl").read_text() == "step 3000"
+  assert (kept / "config.json").read_text() == "new config"
+  # A copy that fails (no such step in the workdir) leaves the kept checkpoint as it was.
+  out, _ = run_script_recording_python("robust_table.sh", "aq", cwd=tmp_path, STAGES="train",
+                                       STEPS="4000", RUNS=str(tmp_path / "runs"),
+                                       OUT=str(tmp_path / "out"))
+  assert out.returncode != 0
+  assert [p.name for p in (kept / "checkpoints").iterdir()] == ["3000"]
