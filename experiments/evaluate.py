@@ -25,8 +25,8 @@ scalars at the checkpoint's step (test/accuracy, test/robust_accuracy@<eps>,
 An interrupted evaluation resumes: after every batch of episodes the
 per-episode results are kept in <output stem>.partial.npz beside the output,
 and a later run with the same attack and masking flags, checkpoint, data,
-split, seed and inner steps starts after them (other flags or another
-checkpoint: it starts over); the file is deleted once the JSON is written.
+split, seed, inner steps and code starts after them (otherwise it starts
+over); the file is deleted once the JSON is written.
 --noresume neither reads nor keeps it.
 
 Gradient-masking checks (experiments/masking_flags.py, advmaml/eval/masking.py),
@@ -56,6 +56,7 @@ from advmaml.io.tensorboard_scalars import evaluation_prefix
 from advmaml.eval.trained_runs import evaluate_trained, load_trained, test_learner, write_json
 from experiments.attack_flags import (AttackSettings, attack_record, attack_settings_from_flags,
                                       metric_fn_from_settings)
+import experiments
 from experiments import attack_flags, cli, masking_flags, run_flags, tensorboard_flag
 from experiments.run_flags import (DATA_DIR, EPISODES, INNER_STEPS, NUM_DEVICES, SEED, SPLIT,
                                    WORKDIR)
@@ -69,10 +70,12 @@ _NOT_IN_IDENTITY = ("plot", "per_example_chunk")
 
 
 def _settings_identity() -> str:
-  """The attack and masking flags, which (with what evaluate_trained adds) decide the results."""
+  """The attack and masking flags and the code that reads them, which (with what
+  evaluate_trained adds) decide the results."""
   by_module = flags.FLAGS.flags_by_module_dict()
   values = {f.name: f.value for module in (attack_flags, masking_flags)
             for f in by_module.get(module.__name__, ()) if f.name not in _NOT_IN_IDENTITY}
+  values["experiments code"] = partial_results.source_digest(experiments)
   return json.dumps(values, sort_keys=True, default=str)
 
 

@@ -462,6 +462,12 @@ def test_an_interrupted_evaluation_resumes_after_its_finished_batches(tiny, tmp_
   other = evaluate_trained(run, splits, num_episodes=10, partial_path=partial, settings="other")
   assert starts == [0, 4, 8] and "another evaluation's episodes" in caplog.text
   assert metrics(other) == metrics(straight)
+  # Nor by other code: episodes of an older advmaml are not mixed with this one's.
+  real_save(partial, identity, {"accuracy": np.full(10, 0.5, np.float32)})
+  starts.clear()
+  monkeypatch.setattr(partial_results, "source_digest", lambda package: "edited sources")
+  edited = evaluate_trained(run, splits, num_episodes=10, partial_path=partial, settings="clean")
+  assert starts == [0, 4, 8] and metrics(edited) == metrics(straight)
 
 
 def test_the_evaluate_command_resumes_and_then_removes_its_partial_file(tiny_run, tmp_path):

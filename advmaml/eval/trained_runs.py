@@ -11,6 +11,7 @@ import jax
 from absl import logging
 from jax.sharding import Mesh
 
+import advmaml
 from advmaml.io import checkpoint, partial_results
 from advmaml.runtime import sharding
 from advmaml.config import Config, ConfigError, validate_against_data
@@ -115,8 +116,9 @@ def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_
   the results do not depend on it. partial_path: keeps the finished episodes
   there and resumes from them (``evaluate_episodes``); the evaluation's
   identity is ``settings`` (the caller's description of metric_fn: its flags),
-  the split, seed, inner steps, episode shape, and a digest of the parameters
-  evaluated, so that only the same evaluation of the same checkpoint resumes.
+  the split, seed, inner steps, config, and digests of the parameters evaluated,
+  the data and the advmaml sources, so that only the same evaluation of the
+  same checkpoint by the same code resumes.
   """
   cfg = run.cfg
   if split not in splits:
@@ -136,7 +138,8 @@ def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_
     identity = json.dumps({
         "settings": settings, "split": split, "seed": seed, "inner_steps": inner_steps,
         "config": dataclasses.asdict(cfg), "params": partial_results.tree_digest(params),
-        "pool": partial_results.tree_digest(splits[split].images)}, sort_keys=True, default=str)
+        "pool": partial_results.tree_digest(splits[split].images),
+        "code": partial_results.source_digest(advmaml)}, sort_keys=True, default=str)
   results = evaluate_episodes(
       learner, params, splits[split].images, jax.random.key(seed),
       num_episodes=num_episodes, n_way=cfg.n_way, k_shot=cfg.k_shot, q_query=cfg.eval_q_query,

@@ -6,8 +6,9 @@ not the hour. Episode ``i`` is drawn from ``fold_in(key, i)`` alone
 (:mod:`advmaml.eval.evaluation`), so the first ``n`` episodes' results are
 the same whether they were computed in this process or an earlier one, and an
 evaluation can go on from them, provided it is the *same* evaluation: the
-file stores an identity string (the caller's flags, the checkpoint's step and
-a digest of the parameters) and a file with another identity is not used.
+file stores an identity string (the caller's flags, digests of the parameters,
+the data and the code) and a file with another identity is not used: episodes
+computed by code since changed are not mixed with new ones.
 
 The file is an ``.npz`` of plain arrays, read with ``allow_pickle=False`` (it
 runs no code), and replaced atomically (temp file + rename) after each batch.
@@ -36,6 +37,15 @@ def tree_digest(tree) -> str:
       raise TypeError(f"tree_digest takes numeric arrays, got {a.dtype}")
     h.update(f"{a.dtype.str}{a.shape}".encode())
     h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+def source_digest(package) -> str:
+  """sha256 of a package's Python sources (its .py files' paths and bytes, hex)."""
+  root = pathlib.Path(package.__file__).parent
+  h = hashlib.sha256()
+  for path in sorted(root.rglob("*.py")):
+    h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
   return h.hexdigest()
 
 
