@@ -11,7 +11,11 @@
 # statistics normalise the queries too); the other learners, natural and AQ-trained:
 # protonet, r2d2, metaoptnet, protonet_aq, r2d2_aq, metaoptnet_aq; and the transfer
 # baseline, clean (transfer) and adversarially trained (transfer_at). SHOT (1 or 5) picks
-# the preset omniglot_5w${SHOT}s. Each trains $STEPS meta-steps in
+# the preset omniglot_5w${SHOT}s; the transfer rows, which classify images rather than
+# episodes, train at both on the 1-shot mini-batches (1 support + 1 query image per class
+# of each episode: at SHOT=5 --train_k_shot=1 --q_query=1), so that, as in Goldblum et al., one
+# classifier is scored at both shots, only its test-time head fitted on 1 or 5 images
+# per class. Each trains $STEPS meta-steps in
 # $RUNS/omniglot_5w${SHOT}s_<name> (resuming if it exists); config.json, metrics.jsonl,
 # train.log and the final checkpoint go to $OUT/<name>/ (default
 # $RESULTS/omniglot_5w${SHOT}s_3k, RESULTS=results), and from there:
@@ -113,7 +117,9 @@ for name in "$@"; do
     protonet_aq|r2d2_aq|metaoptnet_aq)
       objective=aq; bn=batch; learner_flags=(--learner="${name%_aq}") ;;
     transfer|transfer_at) objective=$name; bn=batch
-      learner_flags=(--learner=transfer --transfer_classes=4400) ;;
+      learner_flags=(--learner=transfer --transfer_classes=4400)
+      # The 1-shot rows' mini-batches (their preset's shape: their workdirs resume as they are).
+      [ "$SHOT" = 5 ] && learner_flags+=(--train_k_shot=1 --q_query=1) ;;
     *) echo "error: unknown row $name; use $ROWS" >&2
        exit 2 ;;
   esac

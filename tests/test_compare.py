@@ -240,3 +240,21 @@ def test_robust_table_script_keeps_only_the_final_checkpoint_in_results(tmp_path
                                        OUT=str(tmp_path / "out"))
   assert out.returncode != 0
   assert [p.name for p in (kept / "checkpoints").iterdir()] == ["3000"]
+
+
+@pytest.mark.parametrize("shot", ["1", "5"])
+def test_robust_table_script_trains_the_transfer_rows_on_one_shot_batches(
+    tmp_path, shot):
+  """The transfer classifier sees 1 support + 1 query image per class of each episode at
+  both shots (one classifier for both, as Goldblum et al.); the shot is the evaluation's."""
+  out, calls = run_script_recording_python("robust_table.sh", "transfer_at", cwd=tmp_path,
+                                           STAGES="train", SHOT=shot, RUNS=str(tmp_path / "runs"),
+                                           OUT=str(tmp_path / "out"))
+  train_call = calls[0].split()
+  assert f"--preset=omniglot_5w{shot}s" in train_call and "--objective=transfer_at" in train_call
+  # At 5 shots by flags; at 1 the preset's own shape (so the 1-shot workdirs resume as they are).
+  assert ("--train_k_shot=1" in train_call and "--q_query=1" in train_call) == (shot == "5")
+  out, calls = run_script_recording_python("robust_table.sh", "metaoptnet_aq", cwd=tmp_path,
+                                           STAGES="train", SHOT=shot, RUNS=str(tmp_path / "runs"),
+                                           OUT=str(tmp_path / "out"))
+  assert not any(a.startswith(("--train_k_shot", "--q_query")) for a in calls[-1].split())

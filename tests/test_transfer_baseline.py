@@ -113,3 +113,22 @@ def test_config_wiring_and_one_line_refusals(fake_omniglot_dir, isolated_cache, 
   assert run.meta_params["classifier"]["kernel"].shape == (8 * 2 * 2, num_classes)
   record = evaluate_trained(run, splits, num_episodes=4)
   assert 0.0 <= record["metrics"]["accuracy"]["mean"] <= 1.0
+
+
+def test_one_classifier_serves_both_shots_when_trained_on_the_same_batches(
+    fake_omniglot_dir, isolated_cache, tmp_path):
+  """A 3-shot transfer run trained on 1+1-image-per-class episodes (--train_k_shot=1
+  --q_query=1, as robust_table.sh's 5-shot transfer rows) learns the 1-shot run's
+  classifier bit for bit; only its evaluation episodes (3 support images a class) differ."""
+  from advmaml.data.sources import load_class_splits
+  num_classes = load_class_splits("omniglot", data_dir=str(fake_omniglot_dir))["train"].images.shape[0]
+  one = preset("tiny", data_dir=str(fake_omniglot_dir), learner="transfer", objective="transfer_at",
+               train_attack_steps=2, transfer_classes=num_classes, k_shot=1, q_query=1,
+               eval_q_query=1, num_steps=3)
+  three = one.replace(k_shot=3, train_k_shot=1, eval_q_query=3)
+  train(one, tmp_path / "one")
+  train(three, tmp_path / "three")
+  (run_one, _), (run_three, splits) = load_trained(tmp_path / "one"), load_trained(tmp_path / "three")
+  jax.tree.map(np.testing.assert_array_equal, run_one.meta_params, run_three.meta_params)
+  record = evaluate_trained(run_three, splits, num_episodes=2)
+  assert (record["k_shot"], record["q_query"]) == (3, 3)
