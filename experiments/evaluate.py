@@ -133,13 +133,14 @@ def _main():
     metric_fn = masking.with_masking_metrics(metric_fn, checks.checks)
     metric_params = checks.metric_params(run)
   output = cli.output_path(WORKDIR.value, OUTPUT.value, f"eval_{SPLIT.value}.json")
-  partial = pathlib.Path(output).with_suffix(".partial.npz") if RESUME.value else None
+  partial = output.with_suffix(".partial.npz") if RESUME.value else None
   if partial is not None:
     partial.parent.mkdir(parents=True, exist_ok=True)
   record = evaluate_trained(run, splits, split=SPLIT.value, num_episodes=EPISODES.value,
                             seed=SEED.value, inner_steps=INNER_STEPS.value, metric_fn=metric_fn,
                             num_devices=NUM_DEVICES.value, metric_params=metric_params,
-                            partial_path=partial, settings=_settings_identity())
+                            partial_path=partial,
+                            settings=_settings_identity() if partial is not None else "")
   folder = cli.run_folder(WORKDIR.value)
   if not settings.epsilons:
     write_json(output, record)

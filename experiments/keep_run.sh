@@ -9,7 +9,9 @@
 keep_run() {
   local workdir=$1 out=$2 step=$3 f
   for f in config.json metrics.jsonl; do
-    cp "$workdir/$f" "$out/.$f.tmp" && mv -f "$out/.$f.tmp" "$out/$f"
+    # Two commands, not "cp && mv": under set -e a failed cp on the left of && goes on.
+    cp "$workdir/$f" "$out/.$f.tmp"
+    mv -f "$out/.$f.tmp" "$out/$f"
   done
   rm -rf "$out/.checkpoints.tmp" "$out/.checkpoints.old"
   mkdir -p "$out/.checkpoints.tmp"

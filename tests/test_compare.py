@@ -240,6 +240,14 @@ def test_robust_table_script_keeps_only_the_final_checkpoint_in_results(tmp_path
                                        OUT=str(tmp_path / "out"))
   assert out.returncode != 0
   assert [p.name for p in (kept / "checkpoints").iterdir()] == ["3000"]
+  # So does a workdir without its metrics log: the script stops there.
+  (work / "metrics.jsonl").unlink()
+  (work / "config.json").write_text("newer config")
+  out, _ = run_script_recording_python("robust_table.sh", "aq", cwd=tmp_path, STAGES="train",
+                                       RUNS=str(tmp_path / "runs"), OUT=str(tmp_path / "out"))
+  assert out.returncode != 0
+  assert (kept / "metrics.jsonl").read_text() == "new metrics"
+  assert [p.name for p in (kept / "checkpoints").iterdir()] == ["3000"]
 
 
 @pytest.mark.parametrize("shot", ["1", "5"])

@@ -25,11 +25,9 @@ import dataclasses
 import json
 import os
 import pathlib
-import re
 
 from advmaml.eval import plots
 from advmaml.io.workdir import METRICS_FILE, read_metrics
-
 
 
 class CompareError(ValueError):
@@ -82,14 +80,7 @@ def _column_values(workdir: pathlib.Path, column: Column):
   if column.metric == "masking_checks":
     results = (record.get("masking_checks") or {}).get("results") or []
     return f"{sum(bool(r.get('passed')) for r in results)}/{len(results)} pass" if results else None
-  return by_epsilon(record.get("metrics", {}), column.metric)
-
-
-def by_epsilon(metrics: dict, metric: str = "robust_accuracy") -> dict:
-  """{eps: stats} of the ``<metric>@<eps>`` entries of an evaluation's metrics, by epsilon."""
-  pattern = re.compile(rf"^{re.escape(metric)}@(.+)$")
-  return dict(sorted((float(m.group(1)), stats) for name, stats in metrics.items()
-                     if (m := pattern.match(name))))
+  return plots.by_epsilon(record.get("metrics", {}), column.metric)
 
 
 def read_json(path: pathlib.Path):
@@ -150,7 +141,7 @@ def summarize(workdir: str | os.PathLike, eval_pattern: str = "eval_test*.json",
                     objective=config.get("objective", "?"), steps=int(step),
                     wall_seconds=wall_seconds(train, step),
                     clean=metrics.get("clean_accuracy", metrics.get("accuracy")),
-                    robust=by_epsilon(metrics), norm=norm, val_curve=val,
+                    robust=plots.by_epsilon(metrics), norm=norm, val_curve=val,
                     columns={c.label: _column_values(workdir, c) for c in columns})
 
 

@@ -129,9 +129,10 @@ def evaluate_episodes(learner: Learner, meta_params: dict, pool, key, *, num_epi
   pool = sharding.replicate(jnp.asarray(pool), mesh)
   meta_params = sharding.replicate(meta_params, mesh)
   done = partial_results.load(partial_path, identity) if partial_path is not None else {}
-  # A longer evaluation's first episodes are this one's (episode i depends on i alone).
-  chunks = [{name: v[:num_episodes] for name, v in done.items()}] if done else []
-  first = len(next(iter(done.values()))[:num_episodes]) if done else 0
+  # A longer evaluation's first episodes are this one's (episode i depends on i alone);
+  # _concatenate drops any past num_episodes.
+  chunks = [done] if done else []
+  first = min(len(next(iter(done.values()))), num_episodes) if done else 0
   # A line every progress.EVERY_SECONDS (600 episodes under attack take minutes).
   progress = Progress("evaluation", num_episodes, "episodes", done=first)
   for start in range(first, num_episodes, batch_tasks):

@@ -120,7 +120,7 @@ def lake_table(workdirs, *, record_file: str = "eval_lake_runs.json") -> str:
   :mod:`advmaml.eval.compare` counts them) and its mean error on the runs, clean and at
   each epsilon of its ``record_file``, with 95% intervals over the 20 runs; then the
   published errors (clean only). A workdir without the record shows "-"."""
-  from advmaml.eval import compare   # local: compare pulls in matplotlib
+  from advmaml.eval import compare, plots   # local: they pull in matplotlib
   rows = []
   for workdir in workdirs:
     summary = compare.summarize(workdir, eval_pattern=record_file)
@@ -128,7 +128,7 @@ def lake_table(workdirs, *, record_file: str = "eval_lake_runs.json") -> str:
     errors = compare.read_json(path).get("mean_error", {}) if path.is_file() else {}
     learner = compare.read_json(pathlib.Path(workdir) / "config.json").get("learner", "maml")
     rows.append((summary, learner, errors))
-  robust = [compare.by_epsilon(errors) for _, _, errors in rows]   # error stats by epsilon
+  robust = [plots.by_epsilon(errors) for _, _, errors in rows]   # error stats by epsilon
   epsilons = sorted({eps for by_eps in robust for eps in by_eps})
   header = ["run", "learner", "objective", "meta-steps", "wall time", "clean error",
             *(f"error at eps {eps:g}" for eps in epsilons)]

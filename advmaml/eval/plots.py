@@ -17,7 +17,12 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-_ROBUST = re.compile(r"^robust_accuracy@(.+)$")
+def by_epsilon(metrics: Mapping, metric: str = "robust_accuracy") -> dict:
+  """{eps: stats} of the ``<metric>@<eps>`` entries of an evaluation's metrics, by epsilon
+  (the names ``robust_eval.metric_key`` writes)."""
+  pattern = re.compile(rf"^{re.escape(metric)}@(.+)$")
+  return dict(sorted((float(m.group(1)), stats) for name, stats in metrics.items()
+                     if (m := pattern.match(name))))
 
 
 # Up to this many lines the legend sits inside the axes; more (a table's worth of
@@ -55,7 +60,7 @@ def _save(fig: Figure, path: str | os.PathLike) -> pathlib.Path:
 
 
 def _is_metrics(d: Mapping) -> bool:
-  return "clean_accuracy" in d or any(_ROBUST.match(k) for k in d)
+  return "clean_accuracy" in d or bool(by_epsilon(d))
 
 
 def _curves(results: Mapping) -> dict[str, dict]:
@@ -76,11 +81,7 @@ def _curves(results: Mapping) -> dict[str, dict]:
 def robustness_points(metrics: Mapping) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(epsilons, means, ci95) sorted by epsilon, each (P,); clean accuracy is the
   point at epsilon 0 unless a robust_accuracy@0.0 entry is given."""
-  points = {}
-  for name, stats in metrics.items():
-    m = _ROBUST.match(name)
-    if m:
-      points[float(m.group(1))] = stats
+  points = by_epsilon(metrics)
   if "clean_accuracy" in metrics and 0.0 not in points:
     points[0.0] = metrics["clean_accuracy"]
   eps = np.array(sorted(points), np.float64)
