@@ -6,7 +6,6 @@ eager JAX op would be a compile of its own).
 """
 
 import dataclasses
-import functools
 
 import chex
 import jax
@@ -19,8 +18,6 @@ from advmaml.adversary.attacks import AttackConfig
 
 HW = (4, 4, 1)
 D = 16
-# The tests are compile-bound: skip LLVM's optimisation passes.
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def _rng(seed):
@@ -74,7 +71,7 @@ def trained_mlp():
       "b2": _f32(np.zeros(num_classes)),
   }
 
-  @jit
+  @jax.jit
   def train(p, x, y):
     def loss(p):
       logp = jax.nn.log_softmax(mlp_bn_logits(p, x))
@@ -94,7 +91,7 @@ def _run_all(cfgs, logits_fn, params, x, y, key):
   worst_case) or a (config, i) pair (the attack with key fold_in(key, i)).
   Returns (results, clean predictions, predictions on each x_adv batch)."""
 
-  @jit
+  @jax.jit
   def go(params, x, y, key):
     out = []
     for c in cfgs:
@@ -142,7 +139,7 @@ def test_losses_by_hand():
   y, t = np.array([1, 2], np.int32), np.array([3, 0], np.int32)
   z2, y2 = z[:, :2], np.array([0, 0], np.int32)
 
-  @jit
+  @jax.jit
   def losses(z, y, t, z2, y2):
     obj = {k: A.attack_objective(z, y, k) for k in ("ce", "margin", "dlr")}
     obj.update({k + "_t": A.attack_objective(z, y, k, t) for k in ("ce", "margin", "dlr")})
@@ -163,7 +160,7 @@ def test_losses_by_hand():
   np.testing.assert_allclose(o["dlr2"], o["margin2"])
   # Targets: never the true label, every other class used.
   yy = np.arange(200, dtype=np.int32) % 5
-  tt = np.asarray(jit(A.target_labels, static_argnums=2)(jax.random.key(3), yy, 5))
+  tt = np.asarray(jax.jit(A.target_labels, static_argnums=2)(jax.random.key(3), yy, 5))
   assert np.all(tt != yy) and set(tt.tolist()) == set(range(5))
 
 
@@ -173,7 +170,7 @@ def test_perturbation_norm_and_projection():
   wide = AttackConfig(norm="l2", epsilon=1.0, clip_min=-10.0, clip_max=10.0)
   box = AttackConfig(norm="linf", epsilon=1.0)
 
-  @jit
+  @jax.jit
   def go(delta, x):
     return (A.perturbation_norm(delta, "linf"), A.perturbation_norm(delta, "l2"),
             A.project(x + delta, x, wide), A.project(x + delta, x, box))
@@ -313,7 +310,7 @@ def test_targeted_success_increases_with_steps():
       for s in steps
   ]
   res, _, preds = _run_all(cfgs, linear_logits, params, x, y, key)
-  target = np.asarray(jit(A.target_labels, static_argnums=2)(key, y, 4))
+  target = np.asarray(jax.jit(A.target_labels, static_argnums=2)(key, y, 4))
   success = [float(np.mean(p == target)) for p in preds]
   assert all(a <= b for a, b in zip(success, success[1:])), success
   assert success[-1] > success[0] + 0.2, success
@@ -401,7 +398,7 @@ def test_correct_is_an_and_and_x_adv_prefers_misclassified():
     objective), at 0.54 class 0 wins (correct, higher objective)."""
   key = jax.random.key(18)
   y = np.zeros(2, np.int32)
-  t = int(jit(A.target_labels, static_argnums=2)(key, y, 3)[1])
+  t = int(jax.jit(A.target_labels, static_argnums=2)(key, y, 3)[1])
   params = {
       "ia": np.array([1, t], np.int32), "ib": np.array([2, 3 - t], np.int32),
       "a0": _f32([0.04, -1.0]), "s": _f32([100.0, 100.0]), "c": _f32([0.53, 0.53]),
@@ -498,7 +495,7 @@ def test_vmap_over_tasks_matches_loop(trained_mlp):
           AttackConfig(name="apgd", epsilon=0.1, steps=5, loss="dlr")]
   run = lambda p, x, y, k: A.worst_case(cfgs, mlp_bn_logits, p, x, y, k)
 
-  @jit
+  @jax.jit
   def batched_and_looped(task_params, xs, ys, key):
     keys = jax.random.split(key, num_tasks)
     batched = jax.vmap(run)(task_params, xs, ys, keys)
@@ -518,7 +515,7 @@ def test_jit_does_not_retrace():
   params = {"w": _f32(rng.normal(size=(D, 3))), "b": _f32(np.zeros(3))}
   cfg = AttackConfig(name="pgd", epsilon=0.1, steps=3)
 
-  @jit
+  @jax.jit
   @chex.assert_max_traces(n=1)
   def run(params, x, y, key):
     return A.attack(cfg, linear_logits, params, x, y, key)
@@ -550,8 +547,8 @@ def test_last_iterate_is_plain_pgd_and_costs_steps_gradients(trained_mlp):
       xk = jnp.clip(jnp.clip(xk + 0.025 * jnp.sign(jax.grad(ce)(xk)) - x, -0.1, 0.1) + x, 0, 1)
     return xk
 
-  ours = jit(lambda *a: A.attack(cfg, mlp_bn_logits, *a))(params, x, y, key)
-  np.testing.assert_allclose(ours.x_adv, jit(reference)(params, x, y, key), atol=1e-6)
+  ours = jax.jit(lambda *a: A.attack(cfg, mlp_bn_logits, *a))(params, x, y, key)
+  np.testing.assert_allclose(ours.x_adv, jax.jit(reference)(params, x, y, key), atol=1e-6)
   clean = np.argmax(mlp_bn_logits(params, x), -1) == y
   assert np.mean(np.argmax(mlp_bn_logits(params, ours.x_adv), -1) == y) < np.mean(clean)
 
@@ -599,7 +596,7 @@ def test_per_example_breaks_what_the_summed_loss_cannot():
   common = dict(epsilon=eps, steps=10, random_start=False)
   cfgs = [AttackConfig("pgd", loss="margin", **common), AttackConfig("apgd", loss="dlr", **common)]
 
-  @jit
+  @jax.jit
   def go(params, x, y, key):
     return (A.worst_case(cfgs, centred_logits, params, x, y, key),
             A.per_example(cfgs, centred_logits, params, x, y, key),
@@ -629,7 +626,7 @@ def test_alone_attacks_one_query_with_the_others_clean():
   cfgs = lambda e: [AttackConfig("pgd", loss="margin", epsilon=e, steps=10, random_start=False),
                     AttackConfig("apgd", loss="dlr", epsilon=e, steps=10, random_start=False)]
 
-  @jit
+  @jax.jit
   def go(params, x, y, key):
     return (A.alone(cfgs(eps), centred_logits, params, x, y, key),
             A.alone(cfgs(eps), centred_logits, params, x, y, key, chunk=3),
@@ -651,9 +648,9 @@ def test_alone_equals_the_summed_attack_without_coupling():
   x = _f32(rng.uniform(0.2, 0.8, (n,) + HW))
   y = np.argmax(_np_linear(params, x), -1).astype(np.int32)
   cfg = AttackConfig("pgd", loss="margin", epsilon=0.15, steps=10, random_start=False)
-  summed = jax.device_get(jit(lambda p, x, y: A.worst_case([cfg], linear_logits, p, x, y,
+  summed = jax.device_get(jax.jit(lambda p, x, y: A.worst_case([cfg], linear_logits, p, x, y,
                                                            jax.random.key(0)))(params, x, y))
-  alone = jax.device_get(jit(lambda p, x, y: A.alone([cfg], linear_logits, p, x, y,
+  alone = jax.device_get(jax.jit(lambda p, x, y: A.alone([cfg], linear_logits, p, x, y,
                                                      jax.random.key(0)))(params, x, y))
   assert 0 < summed.correct.sum() < n                  # some rows break, some do not
   np.testing.assert_array_equal(alone.correct, summed.correct)
@@ -675,7 +672,7 @@ def test_per_example_equals_summed_without_coupling():
   binary, xb, yb, v = _binary_linear(_rng(32), n, 0.4, 0.6)
   rand = AttackConfig("pgd", loss="margin", epsilon=0.05, steps=10)
 
-  @jit
+  @jax.jit
   def go(params, x, y, binary, xb, yb, key):
     return ([A.worst_case([c], linear_logits, params, x, y, key) for c in cfgs],
             [A.per_example([c], linear_logits, params, x, y, key) for c in cfgs],
@@ -709,7 +706,7 @@ def test_per_example_on_batch_coupled_mlp(trained_mlp):
   cfgs = [AttackConfig("pgd", loss="margin", epsilon=eps, steps=8),
           AttackConfig("apgd", loss="dlr", epsilon=eps, steps=8)]
 
-  @jit
+  @jax.jit
   def go(params, x, y, key):
     summed = A.worst_case(cfgs, mlp_bn_logits, params, x, y, key)
     aimed = A.per_example(cfgs, mlp_bn_logits, params, x, y, key, chunk=8)

@@ -7,8 +7,6 @@ ball of radius eps lowers z_y - z_j by eps ||w_y - w_j||_1. Each test jits one
 function (the suite is compile-bound).
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +19,6 @@ from advmaml.adversary.square import SquareConfig, bump, p_schedule, square, win
 
 HW = (4, 4, 1)
 D = 16
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def linear_logits(params, x):
@@ -58,7 +55,7 @@ def test_hyperplane_projection_closed_forms():
   wide = np.full((6, D), 10.0, np.float32)
   box_lo, box_hi = np.full((6, D), -0.05, np.float32), np.full((6, D), 0.05, np.float32)
 
-  @jit
+  @jax.jit
   def go(w, c, wide, box_lo, box_hi):
     return ([project_hyperplane(w, c, -wide, wide, n) for n in ("linf", "l2")],
             [project_hyperplane(w, c, box_lo, box_hi, n) for n in ("linf", "l2")])
@@ -89,7 +86,7 @@ def test_fab_reaches_the_minimum_norm_and_judges_at_epsilon():
     cases.append((norm, dist, float(np.median(dist))))
   cfgs = [FabConfig(norm=n, epsilon=e, steps=s) for n, _, e in cases for s in (2, 20)]
 
-  @jit
+  @jax.jit
   def go(params, x, y, key):
     return [fab(c, linear_logits, params, x, y, key, 1 - y) for c in cfgs]
 
@@ -111,18 +108,19 @@ def test_square_schedule_and_closed_form():
   every example that stays correct, and breaks exactly the others; robust
   accuracy falls with the query budget."""
   queries = np.array([1, 10, 11, 50, 51, 9000], np.int32)
-  np.testing.assert_allclose(jit(p_schedule, static_argnums=(0, 2))(0.8, queries, 10000),
+  schedule = jax.jit(p_schedule, static_argnums=(0, 2))
+  np.testing.assert_allclose(schedule(0.8, queries, 10000),
                              [0.8, 0.8, 0.4, 0.4, 0.2, 0.8 / 512], rtol=1e-6)
-  np.testing.assert_allclose(jit(p_schedule, static_argnums=(0, 2))(0.8, queries[:2] // 2 + 1, 5000),
+  np.testing.assert_allclose(schedule(0.8, queries[:2] // 2 + 1, 5000),
                              [0.8, 0.4], rtol=1e-6)  # queries 1 and 6 of 5000
-  np.testing.assert_array_equal(jit(window_side, static_argnums=(1, 2))(
+  np.testing.assert_array_equal(jax.jit(window_side, static_argnums=(1, 2))(
       np.float32([0.8, 0.05, 1e-4]), 28, 28), [25, 6, 1])
   params, x, y = _linear(3, 32, 2)
   eps = 0.05
   dist = _pair_distances(params, x, y, "linf")[np.arange(32), 1 - y]
   budgets = (3, 30, 1000)
 
-  @jit
+  @jax.jit
   def go(params, x, y, key):
     return [square(SquareConfig(epsilon=eps, queries=q), linear_logits, params, x, y, key)
             for q in budgets]
@@ -162,7 +160,7 @@ def test_square_l2_bump_and_soundness():
   breaks more with more queries."""
   i, j = np.meshgrid(np.arange(12), np.arange(12), indexing="ij")
   sides = np.array([3, 4, 5, 8, 11], np.int32)
-  got = jit(jax.vmap(lambda s: bump(i, j, s, 12)))(sides)
+  got = jax.jit(jax.vmap(lambda s: bump(i, j, s, 12)))(sides)
   for s, g in zip(sides, np.asarray(got)):
     ref = np.zeros((12, 12))
     ref[:s, :s] = _bump_reference(int(s))
@@ -176,7 +174,7 @@ def test_square_l2_bump_and_soundness():
   eps = float(np.median(dist))
   budgets = (10, 100, 1000)
 
-  @jit
+  @jax.jit
   def go(params, x, y, key):
     return [square(SquareConfig(norm="l2", epsilon=eps, queries=q), linear_logits, params, x, y,
                    key) for q in budgets]
@@ -212,7 +210,7 @@ def test_autoattack_on_a_linear_model():
   quad = {"w": np.eye(4, dtype=np.float32)[quadrant.reshape(-1)], "b": np.zeros(4, np.float32)}
   y_quad = np.argmax(np.asarray(linear_logits(quad, x)), -1).astype(np.int32)
 
-  @jit
+  @jax.jit
   def go(params, x, y, quad, y_quad, key):
     parts = [
         A.attack(alone.apgd("ce"), linear_logits, params, x, y, jax.random.fold_in(key, 0)),
@@ -269,7 +267,7 @@ def test_autoattack_on_a_batch_coupled_model_stays_admissible():
   fab3 = FabConfig(epsilon=eps, steps=5, restarts=3)
   apgd_t = cfg.apgd("dlr", targeted=True)
 
-  @jit
+  @jax.jit
   def go(params, x, y, key):
     return (AA.autoattack(cfg, mlp_bn_logits, params, x, y, key),
             AA.fab_targeted(cfg.fab(), mlp_bn_logits, params, x, y, key, targets=3),

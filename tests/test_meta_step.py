@@ -96,4 +96,6 @@ def test_evaluation_gives_the_same_episodes_one_at_a_time_or_vmapped():
   vmapped = run(0)
   assert np.ptp(vmapped["loss"]) > 0                       # six different episodes
   for chunk in (1, 2):
-    chex.assert_trees_all_close(run(chunk), vmapped, atol=1e-5, rtol=1e-5)
+    # float32 through two inner steps: the chunked program sums in another order
+    # (2.7e-5 apart at loss 1.73 under jax 0.10.2); a wrong episode or key is O(1) off.
+    chex.assert_trees_all_close(run(chunk), vmapped, atol=1e-4, rtol=1e-4)

@@ -40,6 +40,7 @@ class RunSummary:
   task: str                  # "5-way 1-shot": the config's n_way and k_shot
   model: str
   objective: str
+  learner: str               # the config's learner ("maml" when it names none)
   steps: int                 # the evaluated checkpoint's step (else the last logged step)
   wall_seconds: float
   clean: dict | None         # {"mean", "ci95", ...} or None without an evaluation
@@ -138,7 +139,8 @@ def summarize(workdir: str | os.PathLike, eval_pattern: str = "eval_test*.json",
     step = max((r["step"] for r in train), default=0)
   task = f"{config.get('n_way', '?')}-way {config.get('k_shot', '?')}-shot"
   return RunSummary(label=workdir.resolve().name, task=task, model=config.get("model", "?"),
-                    objective=config.get("objective", "?"), steps=int(step),
+                    objective=config.get("objective", "?"),
+                    learner=config.get("learner", "maml"), steps=int(step),
                     wall_seconds=wall_seconds(train, step),
                     clean=metrics.get("clean_accuracy", metrics.get("accuracy")),
                     robust=plots.by_epsilon(metrics), norm=norm, val_curve=val,

@@ -126,15 +126,14 @@ def lake_table(workdirs, *, record_file: str = "eval_lake_runs.json") -> str:
     summary = compare.summarize(workdir, eval_pattern=record_file)
     path = pathlib.Path(workdir) / record_file
     errors = compare.read_json(path).get("mean_error", {}) if path.is_file() else {}
-    learner = compare.read_json(pathlib.Path(workdir) / "config.json").get("learner", "maml")
-    rows.append((summary, learner, errors))
-  robust = [plots.by_epsilon(errors) for _, _, errors in rows]   # error stats by epsilon
+    rows.append((summary, errors))
+  robust = [plots.by_epsilon(errors) for _, errors in rows]   # error stats by epsilon
   epsilons = sorted({eps for by_eps in robust for eps in by_eps})
   header = ["run", "learner", "objective", "meta-steps", "wall time", "clean error",
             *(f"error at eps {eps:g}" for eps in epsilons)]
   lines = [header, ["---"] * len(header)]
-  for (summary, learner, errors), by_eps in zip(rows, robust):
-    lines.append([summary.label, learner, summary.objective, f"{summary.steps:,}",
+  for (summary, errors), by_eps in zip(rows, robust):
+    lines.append([summary.label, summary.learner, summary.objective, f"{summary.steps:,}",
                   compare.duration(summary.wall_seconds),
                   compare.percent(errors.get("clean_accuracy")),
                   *(compare.percent(by_eps.get(eps)) for eps in epsilons)])
