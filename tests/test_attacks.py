@@ -649,9 +649,9 @@ def test_alone_equals_the_summed_attack_without_coupling():
   y = np.argmax(_np_linear(params, x), -1).astype(np.int32)
   cfg = AttackConfig("pgd", loss="margin", epsilon=0.15, steps=10, random_start=False)
   summed = jax.device_get(jax.jit(lambda p, x, y: A.worst_case([cfg], linear_logits, p, x, y,
-                                                           jax.random.key(0)))(params, x, y))
+                                                               jax.random.key(0)))(params, x, y))
   alone = jax.device_get(jax.jit(lambda p, x, y: A.alone([cfg], linear_logits, p, x, y,
-                                                     jax.random.key(0)))(params, x, y))
+                                                         jax.random.key(0)))(params, x, y))
   assert 0 < summed.correct.sum() < n                  # some rows break, some do not
   np.testing.assert_array_equal(alone.correct, summed.correct)
   np.testing.assert_allclose(alone.x_adv, summed.x_adv, atol=1e-6)
