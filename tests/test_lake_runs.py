@@ -54,7 +54,7 @@ def write_runs(path: pathlib.Path, top: str = "all_runs/") -> pathlib.Path:
 
 
 def lake_cfg(**changes):
-  return preset("tiny", n_way=20, split="lake", filters=16, inner_lr=0.5, eval_inner_steps=30,
+  return preset("tiny", n_way=20, split="lake", filters=8, inner_lr=0.5, eval_inner_steps=30,
                 **changes)
 
 
