@@ -53,7 +53,8 @@ from advmaml.eval import masking, plots, robust_eval
 from advmaml.eval.evaluation import evaluation_episode
 from advmaml.io import partial_results
 from advmaml.io.tensorboard_scalars import evaluation_prefix
-from advmaml.eval.trained_runs import evaluate_trained, load_trained, test_learner, write_json
+from advmaml.eval.trained_runs import (config_identity, evaluate_trained, load_trained,
+                                       test_learner, write_json)
 from experiments.attack_flags import (AttackSettings, attack_record, attack_settings_from_flags,
                                       metric_fn_from_settings)
 import experiments
@@ -65,16 +66,20 @@ OUTPUT = flags.DEFINE_string("output", None, "JSON output path (default <workdir
 RESUME = flags.DEFINE_bool(
     "resume", True, "Keep finished episodes in <output stem>.partial.npz and go on from that "
     "file if an interrupted run of the same evaluation left it.")
-# Flags that change what is drawn or plotted, not the per-episode numbers.
-_NOT_IN_IDENTITY = ("plot", "per_example_chunk")
+# Flags that change what is drawn or plotted, not the per-episode numbers; and the
+# surrogate's path, which says where it lies: its parameters are in the digest of
+# the evaluated parameters and its config is added below.
+_NOT_IN_IDENTITY = ("plot", "per_example_chunk", "check_transfer_from")
 
 
-def _settings_identity() -> str:
-  """The attack and masking flags and the code that reads them, which (with what
-  evaluate_trained adds) decide the results."""
+def _settings_identity(checks) -> str:
+  """The attack and masking flags, the transfer surrogate's config and the code that
+  reads them, which (with what evaluate_trained adds) decide the results."""
   by_module = flags.FLAGS.flags_by_module_dict()
   values = {f.name: f.value for module in (attack_flags, masking_flags)
             for f in by_module.get(module.__name__, ()) if f.name not in _NOT_IN_IDENTITY}
+  surrogate = None if checks is None else checks.surrogate
+  values["surrogate config"] = None if surrogate is None else config_identity(surrogate.cfg)
   values["experiments code"] = partial_results.source_digest(experiments)
   return json.dumps(values, sort_keys=True, default=str)
 
@@ -140,7 +145,7 @@ def _main():
                             seed=SEED.value, inner_steps=INNER_STEPS.value, metric_fn=metric_fn,
                             num_devices=NUM_DEVICES.value, metric_params=metric_params,
                             partial_path=partial,
-                            settings=_settings_identity() if partial is not None else "")
+                            settings=_settings_identity(checks) if partial is not None else "")
   folder = cli.run_folder(WORKDIR.value)
   if not settings.epsilons:
     write_json(output, record)

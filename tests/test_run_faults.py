@@ -490,3 +490,30 @@ def test_the_evaluate_command_resumes_and_then_removes_its_partial_file(tiny_run
   run, splits = load_trained(work)
   assert json.loads(output.read_text())["metrics"] == evaluate_trained(
       run, splits, num_episodes=6)["metrics"]
+
+
+def test_a_kept_evaluation_resumes_with_its_folders_spelled_another_way(tiny_run, tmp_path):
+  """A partial file committed on one machine resumes on a fresh clone where the data
+  and the transfer surrogate are given by other (relative) paths: the identity holds
+  what the files are, not where they lie."""
+  work, env = tiny_run
+  surrogate = tmp_path / "surrogate"
+  shutil.copytree(work / "checkpoints", surrogate / "checkpoints")
+  data_dir = json.loads((work / "config.json").read_text())["data_dir"]
+  output = tmp_path / "eval.json"
+
+  def evaluate(data, transfer_from):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.evaluate", f"--workdir={work}", f"--data_dir={data}",
+         f"--output={output}", "--episodes=4", "--notensorboard", "--noplot", "--epsilons=0.1",
+         "--attacks=pgd", "--attack_steps=2", "--noper_example",
+         f"--check_transfer_from={transfer_from}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  output.mkdir()                                  # the first run keeps its episodes, then fails
+  assert_one_line_error(evaluate(pathlib.Path(data_dir).resolve(), surrogate.resolve()),
+                        str(output))
+  assert output.with_suffix(".partial.npz").exists()
+  output.rmdir()
+  out = evaluate(os.path.relpath(data_dir, REPO), os.path.relpath(surrogate, REPO))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "4 episodes already evaluated" in out.stderr

@@ -104,6 +104,16 @@ def evaluation_mesh(num_devices: int, what: str = "Evaluation episodes") -> Mesh
   return mesh
 
 
+# Where a run's data lives, not what it is: the pool digest stands for the data, so a
+# resume on another machine, or with the folder spelled another way, is the same evaluation.
+_LOCATION_FIELDS = ("data_dir", "tfds_data_dir")
+
+
+def config_identity(cfg: Config) -> dict:
+  """The config fields that decide an evaluation's numbers (all but the data folders)."""
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _LOCATION_FIELDS}
+
+
 def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_episodes: int | None = None,
                      seed: int = 0, inner_steps: int | None = None, metric_fn=None,
                      num_devices: int = 0, metric_params=None, partial_path=None,
@@ -116,9 +126,10 @@ def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_
   the results do not depend on it. partial_path: keeps the finished episodes
   there and resumes from them (``evaluate_episodes``); the evaluation's
   identity is ``settings`` (the caller's description of metric_fn: its flags),
-  the split, seed, inner steps, config, and digests of the parameters evaluated,
-  the data and the advmaml sources, so that only the same evaluation of the
-  same checkpoint by the same code resumes.
+  the split, seed, inner steps, config (less the data folders' paths), and digests
+  of the parameters evaluated, the data and the advmaml sources, so that only the
+  same evaluation of the same checkpoint by the same code resumes, wherever the
+  files lie.
   """
   cfg = run.cfg
   if split not in splits:
@@ -137,7 +148,7 @@ def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_
   if partial_path is not None:
     identity = json.dumps({
         "settings": settings, "split": split, "seed": seed, "inner_steps": inner_steps,
-        "config": dataclasses.asdict(cfg), "params": partial_results.tree_digest(params),
+        "config": config_identity(cfg), "params": partial_results.tree_digest(params),
         "pool": partial_results.tree_digest(splits[split].images),
         "code": partial_results.source_digest(advmaml)}, sort_keys=True, default=str)
   results = evaluate_episodes(
