@@ -65,6 +65,22 @@ def run_module(module: str, *args: str, env: dict) -> subprocess.CompletedProces
                         capture_output=True, text=True, timeout=300)
 
 
+def assert_leaves_close_to_scale(got, want, rel: float, err_msg: str = "") -> None:
+  """Each leaf of ``got`` within ``rel`` times the largest entry of ``want``'s leaf.
+
+  For gradients whose small entries float32 summation order moves in proportion to
+  the largest ones (the order depends on the CPU and the kernel): an entrywise
+  rtol would fail there, while a wrong gradient is off by O(1) of the scale."""
+  import jax  # here: JAX is configured from the environment above before its import
+  import numpy as np
+  got, want = jax.tree.leaves(got), jax.tree.leaves(want)
+  assert len(got) == len(want), err_msg
+  for g, w in zip(got, want):
+    g, w = np.asarray(g), np.asarray(w)
+    assert g.shape == w.shape, err_msg
+    assert np.abs(g - w).max() <= rel * np.abs(w).max(), err_msg
+
+
 def run_script_recording_python(script: str, *args: str, cwd: pathlib.Path,
                                 **variables: str) -> tuple[subprocess.CompletedProcess, list[str]]:
   """``bash experiments/<script> args`` in ``cwd`` with a stand-in PYTHON that only

@@ -29,6 +29,7 @@ from advmaml.config import ConfigError, preset, validate
 from advmaml.eval.trained_runs import evaluate_trained, load_checkpointed_run, load_trained
 from advmaml.train.training import DivergedError, train
 from advmaml.io.workdir import WorkdirError, WorkdirLock
+from conftest import run_module
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -503,12 +504,10 @@ def test_a_kept_evaluation_resumes_with_its_folders_spelled_another_way(tiny_run
   output = tmp_path / "eval.json"
 
   def evaluate(data, transfer_from):
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.evaluate", f"--workdir={work}", f"--data_dir={data}",
-         f"--output={output}", "--episodes=4", "--notensorboard", "--noplot", "--epsilons=0.1",
-         "--attacks=pgd", "--attack_steps=2", "--noper_example",
-         f"--check_transfer_from={transfer_from}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return run_module("experiments.evaluate", f"--workdir={work}", f"--data_dir={data}",
+                      f"--output={output}", "--episodes=4", "--notensorboard", "--noplot",
+                      "--epsilons=0.1", "--attacks=pgd", "--attack_steps=2", "--noper_example",
+                      f"--check_transfer_from={transfer_from}", env=env)
   output.mkdir()                                  # the first run keeps its episodes, then fails
   assert_one_line_error(evaluate(pathlib.Path(data_dir).resolve(), surrogate.resolve()),
                         str(output))
