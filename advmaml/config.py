@@ -19,6 +19,11 @@ class ConfigError(ValueError):
   """A bad setting; the message names the flag and the fix."""
 
 
+# Where a run's data lives, not what it is: a resume, or an evaluation, on another machine
+# or with the folder spelled another way is the same run (the pool digest stands for the data).
+LOCATION_FIELDS = ("data_dir", "tfds_data_dir")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   # Data.

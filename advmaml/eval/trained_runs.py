@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 import advmaml
 from advmaml.io import checkpoint, partial_results
 from advmaml.runtime import sharding
-from advmaml.config import Config, ConfigError, validate_against_data
+from advmaml.config import LOCATION_FIELDS, Config, ConfigError, validate_against_data
 from advmaml.data.sources import load_class_splits
 from advmaml.eval.evaluation import evaluate_episodes, evaluation_episode
 from advmaml.train.training import Experiment, build_experiment, initial_state, state_from_tree
@@ -104,14 +104,9 @@ def evaluation_mesh(num_devices: int, what: str = "Evaluation episodes") -> Mesh
   return mesh
 
 
-# Where a run's data lives, not what it is: the pool digest stands for the data, so a
-# resume on another machine, or with the folder spelled another way, is the same evaluation.
-_LOCATION_FIELDS = ("data_dir", "tfds_data_dir")
-
-
 def config_identity(cfg: Config) -> dict:
   """The config fields that decide an evaluation's numbers (all but the data folders)."""
-  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _LOCATION_FIELDS}
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LOCATION_FIELDS}
 
 
 def evaluate_trained(run: TrainedRun, splits: dict, *, split: str = "test", num_episodes: int | None = None,

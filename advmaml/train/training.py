@@ -29,8 +29,8 @@ from absl import logging
 from advmaml import optimizers
 from advmaml.io import checkpoint
 from advmaml.runtime import host, sharding
-from advmaml.config import (Config, ConfigError, train_k_shot, validate, validate_against_data,
-                            with_legacy_defaults)
+from advmaml.config import (LOCATION_FIELDS, Config, ConfigError, train_k_shot, validate,
+                            validate_against_data, with_legacy_defaults)
 from advmaml.data.sources import load_class_splits
 from advmaml.eval.evaluation import evaluate_episodes
 from advmaml.learners import FewShotLearner, make_learner
@@ -45,8 +45,8 @@ from advmaml.io.workdir import (METRICS_FILE, WorkdirLock, append_metrics, atomi
 # Settings that may change when a run is resumed: they do not change the math
 # (kernels: the same to float32 rounding).
 RESUMABLE_CHANGES = ("num_steps", "log_every", "eval_every", "val_episodes", "checkpoint_every",
-                     "keep_checkpoints", "test_episodes", "eval_batch_tasks", "data_dir",
-                     "tfds_data_dir", "remat", "num_devices", "task_chunk", "kernels")
+                     "keep_checkpoints", "test_episodes", "eval_batch_tasks", "remat",
+                     "num_devices", "task_chunk", "kernels") + LOCATION_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
