@@ -17,7 +17,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import chex
 import numpy as np
@@ -59,9 +58,8 @@ def metric_lines(work: pathlib.Path) -> list[dict]:
 
 
 def run_entry(module: str, *args: str, env_extra=None) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  """``python -m module args`` on the CPU, with ``env_extra`` over this process's variables."""
+  return run_module(module, *args, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})})
 
 
 def assert_one_line_error(out: subprocess.CompletedProcess, *needles: str) -> None:
@@ -477,14 +475,12 @@ def test_the_evaluate_command_resumes_and_then_removes_its_partial_file(tiny_run
   output.mkdir()                                  # the JSON cannot be written: the run fails...
   args = ("experiments.evaluate", f"--workdir={work}", f"--output={output}", "--episodes=6",
           "--notensorboard")
-  out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
+  out = run_module(*args, env=env)
   assert_one_line_error(out, str(output))
   partial = tmp_path / "eval.partial.npz"
   assert partial.exists()                         # ... after keeping its 6 episodes
   output.rmdir()
-  out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
+  out = run_module(*args, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "6 episodes already evaluated" in out.stderr
   assert not partial.exists()
