@@ -28,7 +28,8 @@ BLACK_BOX = flags.DEFINE_bool(
     "attacks by more than the noise.")
 LARGE_EPSILON = flags.DEFINE_float(
     "check_large_epsilon", None,
-    "Masking check: radius (in --norm) at which the white-box attacks must bring robust "
+    "Masking check: radius (in --norm) at which the white-box attacks (summed and, unless "
+    "--noper_example, the --per_example_attacks aimed at each query) must bring robust "
     "accuracy to at most --check_large_epsilon_tolerance, e.g. 0.5 for linf.")
 LARGE_EPSILON_TOLERANCE = flags.DEFINE_float(
     "check_large_epsilon_tolerance", 0.05,
@@ -60,6 +61,7 @@ class MaskingSettings:
             "surrogate": None if self.surrogate is None else self.surrogate.source,
             "black_box_queries": c.black_box_queries, "large_epsilon": c.large_epsilon,
             "large_epsilon_attacks": list(c.large_epsilon_attacks),
+            "large_epsilon_per_example": list(c.large_epsilon_per_example),
             "large_epsilon_tolerance": self.large_epsilon_tolerance,
             "progress_steps": c.progress_steps, "progress_tolerance": c.progress_tolerance}
 
@@ -128,6 +130,9 @@ def masking_settings_from_flags(settings: AttackSettings, run: TrainedRun, *,
       surrogate=None if surrogate is None else surrogate.exp.test_learner,
       black_box_queries=settings.square_queries if BLACK_BOX.value else 0,
       large_epsilon=large, large_epsilon_attacks=plain,
+      # The evaluation's own worst case: its aimed attacks too, where it aims any.
+      large_epsilon_per_example=settings.per_example if large is not None else (),
+      per_example_chunk=settings.per_example_chunk,
       progress_steps=steps if LOSS_PROGRESS.value else 0)
   return MaskingSettings(checks, surrogate, tol)
 

@@ -9,6 +9,7 @@ Square, a transfer attack from the honest model, or a large epsilon break it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -21,7 +22,7 @@ from advmaml.eval import masking, robust_eval
 from advmaml.eval.evaluation import evaluate_episodes
 from advmaml.learners import MAML as Learner, query_loss
 from conftest import run_module as _run
-from tests.test_robust_eval import synthetic_pool
+from tests.test_robust_eval import evaluate, synthetic_pool, trained  # noqa: F401 (fixture)
 
 N_WAY, K_SHOT, Q_QUERY, INNER, EPISODES = 5, 1, 3, 5, 8
 EPS, LARGE = 0.3, 0.5
@@ -127,6 +128,7 @@ def test_evaluate_entry_point_reports_the_checks(tiny_run, tmp_path):
   assert names == ["transfer@0.05", "black_box@0.05", "loss_progress@0.05", "large_epsilon"]
   assert report["passed"] == all(r["passed"] for r in report["results"])
   assert report["settings"]["surrogate"].startswith(str(surrogate))
+  assert report["settings"]["large_epsilon_per_example"] == []   # --noper_example: summed only
   large = report["results"][-1]
   assert large["passed"] and large["value"] == 0.0   # L-inf 1 covers the whole pixel range
   for r in report["results"]:
@@ -143,3 +145,25 @@ def test_evaluate_entry_point_reports_the_checks(tiny_run, tmp_path):
     assert out.returncode == 2 and named in out.stderr, out.stderr[-2000:]
     errors = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
     assert "Traceback" not in out.stderr and len(errors) == 1, out.stderr[-2000:]
+
+
+def test_large_epsilon_check_takes_the_per_example_worst_case(trained):
+  """On a batch-normalised MLP, whose queries are coupled: with aimed attacks the
+  check's number is the per-example worst case at the large radius, below the summed
+  attacks' alone (recorded beside it, and what a summed-only check reports)."""
+  large = 0.1
+  checks = masking.MaskingChecks(epsilons=(), steps=8, n_way=N_WAY, large_epsilon=large,
+                                 large_epsilon_attacks=("pgd", "margin"),
+                                 large_epsilon_per_example=("margin",))
+  base = robust_eval.make_metric_fn((), (), n_way=N_WAY)
+  aimed = evaluate(trained, masking.with_masking_metrics(base, checks))
+  summed = evaluate(trained, masking.with_masking_metrics(
+      base, dataclasses.replace(checks, large_epsilon_per_example=())))
+  key = robust_eval.metric_key(large, "masking/large_epsilon_robust_accuracy")
+  summed_key = robust_eval.metric_key(large, "masking/large_epsilon_summed_robust_accuracy")
+  assert summed_key not in summed
+  # The same summed attacks, the same keys: the summed number is the summed-only check's.
+  assert aimed[summed_key]["mean"] == pytest.approx(summed[key]["mean"], abs=1e-6)
+  assert aimed[key]["mean"] < aimed[summed_key]["mean"] < aimed["clean_accuracy"]["mean"]
+  verdict, = masking.verdicts(aimed, checks, large_epsilon_tolerance=1.0)
+  assert verdict.value == pytest.approx(aimed[key]["mean"])

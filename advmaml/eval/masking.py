@@ -11,7 +11,11 @@ adversarial robustness"), each a check:
   must not fool the target more than the target's own white-box attack does.
 * ``black_box``: Square (no gradients) must not beat the white-box attacks.
 * ``large_epsilon``: at a large radius every example can be made any other
-  image's class, so robust accuracy must reach (near) 0.
+  image's class, so robust accuracy must reach (near) 0. It is taken under the
+  attack that gives the evaluation's robust accuracy: the summed-loss attacks
+  and, where the evaluation aims attacks at each query, those too (on a
+  batch-norm model one perturbation of the whole batch can leave a few
+  percent of the queries standing at any radius).
 * ``loss_progress``: the attack's objective must rise in its first steps.
 
 Each check has two halves: a per-episode metric computed with the robust
@@ -79,7 +83,9 @@ class MaskingChecks:
     surrogate: the surrogate's "test"-phase learner, or None (no transfer check).
     black_box_queries: Square's budget, 0: no black-box check.
     large_epsilon: radius of the large-epsilon check, None: off; it uses
-      large_epsilon_attacks (names as in robust_eval.attack_config).
+      large_epsilon_attacks (names as in robust_eval.attack_config) on the
+      summed loss and large_epsilon_per_example (() : none) aimed at each query
+      example, per_example_chunk aims vmapped together (0: all).
     progress_steps: k of the loss-progress check, 0: off.
     progress_tolerance: the relative rise an example's objective must exceed.
   """
@@ -94,6 +100,8 @@ class MaskingChecks:
   black_box_queries: int = 0
   large_epsilon: float | None = None
   large_epsilon_attacks: tuple[str, ...] = ("pgd", "margin", "apgd")
+  large_epsilon_per_example: tuple[str, ...] = ()
+  per_example_chunk: int = 0
   progress_steps: int = 0
   progress_tolerance: float = 1e-3
 
@@ -147,7 +155,9 @@ def masking_metrics(learner: Learner, meta_params, episode, key, *, base,
   ``masking/black_box_robust_accuracy`` and ``masking/black_box_gap``,
   ``masking/loss_progress_fraction`` (the fraction of query examples, clean
   correct, whose objective rose; over clean accuracy it is the progressed
-  share); and ``masking/large_epsilon_robust_accuracy@<large eps>``.
+  share); and ``masking/large_epsilon_robust_accuracy@<large eps>`` (with
+  large_epsilon_per_example also ``masking/large_epsilon_summed_robust_accuracy``,
+  the summed-loss attacks' alone).
   """
   target, surrogate = meta_params if checks.surrogate is not None else (meta_params, None)
   out = dict(base(learner, target, episode, key))
@@ -188,13 +198,19 @@ def masking_metrics(learner: Learner, meta_params, episode, key, *, base,
       rose = rise > checks.progress_tolerance * jnp.maximum(jnp.abs(obj0), 1.0)
       out[key_for("loss_progress", eps, "fraction")] = acc(rose)
   if checks.large_epsilon is not None:
-    sets = robust_eval.attack_sets(checks.large_epsilon_attacks, (checks.large_epsilon,),
-                                   n_way=checks.n_way, norm=checks.norm, steps=checks.steps,
-                                   restarts=checks.restarts)
-    large = robust_eval.robust_metrics(learner, target, episode, jax.random.fold_in(k_checks, 1),
-                                       attack_sets=sets)
-    out[robust_eval.metric_key(checks.large_epsilon, "masking/large_epsilon_robust_accuracy")] = (
-        large[robust_eval.metric_key(checks.large_epsilon)])
+    big = (checks.large_epsilon,)
+    kwargs = dict(n_way=checks.n_way, norm=checks.norm, steps=checks.steps,
+                  restarts=checks.restarts)
+    large = robust_eval.robust_metrics(
+        learner, target, episode, jax.random.fold_in(k_checks, 1),
+        attack_sets=robust_eval.attack_sets(checks.large_epsilon_attacks, big, **kwargs),
+        per_example_sets=(robust_eval.attack_sets(checks.large_epsilon_per_example, big, **kwargs)
+                          if checks.large_epsilon_per_example else ()),
+        per_example_chunk=checks.per_example_chunk)
+    for name in ("robust_accuracy", "summed_robust_accuracy"):
+      if robust_eval.metric_key(checks.large_epsilon, name) in large:
+        out[robust_eval.metric_key(checks.large_epsilon, f"masking/large_epsilon_{name}")] = (
+            large[robust_eval.metric_key(checks.large_epsilon, name)])
   return out
 
 
