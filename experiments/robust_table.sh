@@ -30,6 +30,10 @@
 #   eval_test_autoattack.json  the same episodes under standard AutoAttack ($AA_FLAGS)
 #   certify_test.json       randomized smoothing, sigma 0.25, L2 radii 0.1, 0.25, 0.5
 #                           (natural and aq rows)
+#   eval_test_large_eps_*.json  (STAGES=large_eps, not in the default) the first 100
+#                           episodes at L-inf 0.3: the summed attacks at 20 and 100 steps
+#                           and the per-example worst case at 20 (the masking check uses
+#                           the summed attacks at 20 only)
 # STAGES picks what runs (default "train eval autoattack certify"); STAGES=table prints
 # the README's two robustness tables of the named rows from those files
 # (experiments.compare) and writes their figures to $RESULTS/compare/; STAGES=learners
@@ -147,6 +151,17 @@ for name in "$@"; do
         --check_large_epsilon=0.3 \
         --check_loss_progress "${transfer[@]}" --output="$out/eval_test_robust.json" ; } \
         >> "$out/evaluate_robust.log" 2>&1   # appended: a stopped evaluation resumes
+  fi
+  if has large_eps; then   # the large-epsilon check's residue, on the first 100 episodes
+    probe=(--workdir="$out" --data_dir="$DATA_DIR" --episodes=100 --seed=0 --epsilons=0.3
+           --attacks=pgd,margin,apgd --notensorboard --noplot)
+    for steps in 20 100; do
+      { time "$PYTHON" -m experiments.evaluate "${probe[@]}" --attack_steps="$steps" --noper_example \
+          --output="$out/eval_test_large_eps_pgd$steps.json" ; } > "$out/evaluate_large_eps_pgd$steps.log" 2>&1
+    done
+    { time "$PYTHON" -m experiments.evaluate "${probe[@]}" --attack_steps=20 \
+        --output="$out/eval_test_large_eps_per_example20.json" ; } \
+        > "$out/evaluate_large_eps_per_example20.log" 2>&1
   fi
   if has autoattack; then
     { time "$PYTHON" -m experiments.evaluate "${common[@]}" --attacks=autoattack $AA_FLAGS \

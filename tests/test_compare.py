@@ -201,6 +201,28 @@ def test_robust_table_script_attacks_each_query_alone_for_one_shot_rows_only(tmp
   assert "--attacks=pgd,margin,apgd" in call and "--attack_steps=20" in call
 
 
+def test_robust_table_script_probes_the_large_epsilon_residue_summed_and_per_example(tmp_path):
+  """STAGES=large_eps: three evaluations of the first 100 episodes at 0.3, the summed
+  attacks at 20 and 100 steps and the per-example worst case at 20, each its own file."""
+  out, calls = run_script_recording_python("robust_table.sh", "aq", cwd=tmp_path, SHOT="5",
+                                           STAGES="large_eps")
+  assert out.returncode == 0, out.stderr
+  assert len(calls) == 3
+  for call in calls:
+    words = call.split()
+    assert words[:2] == ["-m", "experiments.evaluate"]
+    assert {"--episodes=100", "--seed=0", "--epsilons=0.3", "--attacks=pgd,margin,apgd"} <= set(words)
+  outputs = [next(w for w in c.split() if w.startswith("--output=")) for c in calls]
+  assert [o.rsplit("/", 1)[1] for o in outputs] == [
+      "eval_test_large_eps_pgd20.json", "eval_test_large_eps_pgd100.json",
+      "eval_test_large_eps_per_example20.json"]
+  assert all(o.startswith("--output=results/omniglot_5w5s_3k/aq/") for o in outputs)
+  summed = ["--noper_example" in c.split() for c in calls]
+  steps = [next(w for w in c.split() if w.startswith("--attack_steps=")) for c in calls]
+  assert summed == [True, True, False]
+  assert steps == ["--attack_steps=20", "--attack_steps=100", "--attack_steps=20"]
+
+
 @pytest.mark.parametrize("variables, args, message", [
     ({"SHOT": "3"}, ("natural",), "SHOT=3; use SHOT=1, SHOT=5"),
     ({"SHOT": "1 5", "STAGES": "eval"}, ("natural",), "train and evaluate one SHOT at a time"),
