@@ -32,8 +32,9 @@
 #                           (natural and aq rows)
 #   eval_test_large_eps_*.json  (STAGES=large_eps, not in the default) the first 100
 #                           episodes at L-inf 0.3: the summed attacks at 20 and 100 steps
-#                           and the per-example worst case at 20 (the masking check uses
-#                           the summed attacks at 20 only)
+#                           and the per-example worst case at 20 (the evaluations kept in
+#                           results/ predate the masking check's aimed attacks: their check
+#                           is the summed attacks at 20)
 # STAGES picks what runs (default "train eval autoattack certify"); STAGES=table prints
 # the README's two robustness tables of the named rows from those files
 # (experiments.compare) and writes their figures to $RESULTS/compare/; STAGES=learners
